@@ -1,0 +1,1 @@
+"""The numerics: optimizers, schedulers, gradient processing. numpy only; no HTTP, no store."""
