@@ -1,0 +1,56 @@
+"""Adadelta: steps sized by running averages of squared gradients and updates (torch.optim.Adadelta)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from app.optim.base import HP, LR, MAXIMIZE, Array, Optimizer, State, new_step, weight_decay
+from app.optim.hparams import Check, HParam
+
+
+class Adadelta(Optimizer):
+    name = "adadelta"
+    description = "Adadelta: unit-corrected steps from running averages of squared gradients and updates."
+    hparams = (
+        replace(LR, default=1.0, description="coefficient that scales the delta before it is applied"),
+        HParam("rho", "float", 0.9, "coefficient of the running averages of squared gradients and updates"),
+        HParam("eps", "float", 1e-6, "term added inside the square roots for numerical stability"),
+        weight_decay(),
+        MAXIMIZE,
+    )
+
+    def check(self, hp: HP, check: Check) -> None:
+        check.require(hp["lr"] >= 0.0, "lr", f"Invalid learning rate: {hp['lr']}")
+        check.require(0.0 <= hp["rho"] <= 1.0, "rho", f"Invalid rho value: {hp['rho']}")
+        check.require(hp["eps"] >= 0.0, "eps", f"Invalid epsilon value: {hp['eps']}")
+        check.require(
+            hp["weight_decay"] >= 0.0, "weight_decay", f"Invalid weight_decay value: {hp['weight_decay']}"
+        )
+
+    def init_state(self, param: Array, hp: HP) -> State:
+        return {"step": new_step(), "square_avg": np.zeros_like(param), "acc_delta": np.zeros_like(param)}
+
+    def update(
+        self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
+    ) -> None:
+        lr, rho, eps, wd = hp["lr"], hp["rho"], hp["eps"], hp["weight_decay"]
+        for param, grad, state in zip(params, grads, states, strict=True):
+            state["step"] += 1
+            g = -grad if hp["maximize"] else grad
+            if wd != 0:
+                g = g + wd * param
+            square_avg, acc_delta = state["square_avg"], state["acc_delta"]
+            square_avg *= rho
+            square_avg += (1 - rho) * g * g
+            std = np.add(square_avg, eps)
+            np.sqrt(std, out=std)
+            delta = np.add(acc_delta, eps)
+            np.sqrt(delta, out=delta)
+            delta /= std
+            delta *= g
+            acc_delta *= rho
+            acc_delta += (1 - rho) * delta * delta
+            param -= lr * delta

@@ -1,0 +1,61 @@
+"""Adagrad with learning-rate decay, weight decay and an initial accumulator (torch.optim.Adagrad)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from app.optim.base import HP, LR, MAXIMIZE, Array, Optimizer, State, new_step, weight_decay
+from app.optim.hparams import Check, HParam
+
+
+class Adagrad(Optimizer):
+    name = "adagrad"
+    description = "Adagrad: steps scaled by the root of the summed squared gradients (torch.optim.Adagrad)."
+    hparams = (
+        replace(LR, default=1e-2),
+        HParam("lr_decay", "float", 0.0, "learning rate decay"),
+        weight_decay(),
+        HParam("initial_accumulator_value", "float", 0.0, "initial value of the sum of squared gradients"),
+        HParam("eps", "float", 1e-10, "term added to the denominator for numerical stability"),
+        MAXIMIZE,
+    )
+
+    def check(self, hp: HP, check: Check) -> None:
+        check.require(hp["lr"] >= 0.0, "lr", f"Invalid learning rate: {hp['lr']}")
+        check.require(hp["lr_decay"] >= 0.0, "lr_decay", f"Invalid lr_decay value: {hp['lr_decay']}")
+        check.require(
+            hp["weight_decay"] >= 0.0, "weight_decay", f"Invalid weight_decay value: {hp['weight_decay']}"
+        )
+        check.require(
+            hp["initial_accumulator_value"] >= 0.0,
+            "initial_accumulator_value",
+            f"Invalid initial_accumulator_value value: {hp['initial_accumulator_value']}",
+        )
+        check.require(hp["eps"] >= 0.0, "eps", f"Invalid epsilon value: {hp['eps']}")
+
+    def init_state(self, param: Array, hp: HP) -> State:
+        return {"step": new_step(), "sum": np.full_like(param, hp["initial_accumulator_value"])}
+
+    def update(
+        self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
+    ) -> None:
+        lr, lr_decay, wd, eps = hp["lr"], hp["lr_decay"], hp["weight_decay"], hp["eps"]
+        for param, grad, state in zip(params, grads, states, strict=True):
+            state["step"] += 1
+            step = float(state["step"])
+            g = -grad if hp["maximize"] else grad
+            if wd != 0:
+                g = g + wd * param
+            clr = lr / (1 + (step - 1) * lr_decay)
+            state_sum = state["sum"]
+            std = np.multiply(g, g)
+            state_sum += std
+            np.sqrt(state_sum, out=std)
+            std += eps
+            # torch's addcdiv_ scales the numerator before dividing: param + (-clr * g) / std
+            scaled = np.multiply(g, -clr)
+            scaled /= std
+            param += scaled

@@ -1,0 +1,259 @@
+"""The Adam family (Adam, AdamW, NAdam, RAdam, Adamax), operation for operation as torch.optim's
+single-tensor (CPU) code, so float rounding follows torch's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import ClassVar
+
+import numpy as np
+
+from app.optim.base import HP, LR, MAXIMIZE, Array, Optimizer, State, new_step, weight_decay
+from app.optim.hparams import Check, HParam
+
+BETAS = HParam(
+    "betas",
+    "tuple",
+    (0.9, 0.999),
+    "coefficients of the running averages of the gradient and of its square (or infinity norm)",
+    length=2,
+)
+EPS = HParam("eps", "float", 1e-8, "term added to the denominator for numerical stability")
+AMSGRAD = HParam("amsgrad", "bool", False, "use AMSGrad: normalize by the running maximum of the 2nd moment")
+DECOUPLED = HParam(
+    "decoupled_weight_decay", "bool", False, "decay the parameters directly (AdamW) instead of the gradient"
+)
+MOMENTUM_DECAY = HParam("momentum_decay", "float", 4e-3, "momentum decay (psi) of NAdam's momentum schedule")
+LR_2E3 = replace(LR, default=2e-3)
+
+
+def _check_common(hp: HP, check: Check) -> None:
+    """The checks every constructor of the family makes, in torch's order and words."""
+    lr, eps, wd = hp["lr"], hp["eps"], hp["weight_decay"]
+    beta1, beta2 = hp["betas"]
+    check.require(lr >= 0.0, "lr", f"Invalid learning rate: {lr}")
+    check.require(eps >= 0.0, "eps", f"Invalid epsilon value: {eps}")
+    check.require(0.0 <= beta1 < 1.0, "betas", f"Invalid beta parameter at index 0: {beta1}")
+    check.require(0.0 <= beta2 < 1.0, "betas", f"Invalid beta parameter at index 1: {beta2}")
+    check.require(wd >= 0.0, "weight_decay", f"Invalid weight_decay value: {wd}")
+
+
+def _moment_state(param: Array) -> State:
+    return {"step": new_step(), "exp_avg": np.zeros_like(param), "exp_avg_sq": np.zeros_like(param)}
+
+
+def _scratch(param: Array, n: int) -> list[Array]:
+    """Work arrays shaped like `param`: each step's arithmetic then runs in place, allocating nothing else."""
+    return [np.empty_like(param) for _ in range(n)]
+
+
+def _begin_step(
+    param: Array, grad: Array, state: State, hp: HP, decoupled: bool, g_buf: Array, tmp: Array
+) -> tuple[float, Array]:
+    """Bumps `step` and returns it with the gradient torch steps on.
+
+    The gradient is negated when maximizing and gets `weight_decay * param` added (coupled decay); decoupled
+    decay shrinks the parameter instead. `grad` itself is never written: the result is `grad` or `g_buf`.
+    """
+    state["step"] += 1
+    g = np.negative(grad, out=g_buf) if hp["maximize"] else grad
+    wd = hp["weight_decay"]
+    if wd != 0:
+        if decoupled:
+            param *= 1 - hp["lr"] * wd
+        else:
+            # grad.add(param, alpha=wd)
+            np.multiply(param, wd, out=tmp)
+            g = np.add(g, tmp, out=g_buf)
+    return float(state["step"]), g
+
+
+def _bias_correction(beta: float, step: float) -> float:
+    correction: float = 1 - beta**step  # float ** float is typed Any (a negative base gives a complex)
+    return correction
+
+
+def _lerp_(start: Array, end: Array, weight: float, tmp: Array) -> None:
+    """torch's `start.lerp_(end, weight)`, whose formula depends on the weight (taken in the array dtype)."""
+    w = start.dtype.type(weight)
+    diff = np.subtract(end, start, out=tmp)
+    if abs(w) < 0.5:
+        diff *= w
+        start += diff
+    else:
+        diff *= 1 - w
+        np.subtract(end, diff, out=start)
+
+
+def _addcmul_(out: Array, t1: Array, t2: Array, value: float, tmp: Array) -> None:
+    """torch's `out.addcmul_(t1, t2, value=value)`: out + (value * t1) * t2."""
+    np.multiply(t1, value, out=tmp)
+    tmp *= t2
+    out += tmp
+
+
+def _addcdiv_(out: Array, t1: Array, t2: Array, value: float, tmp: Array) -> None:
+    """torch's `out.addcdiv_(t1, t2, value=value)`: out + (value * t1) / t2."""
+    np.multiply(t1, value, out=tmp)
+    tmp /= t2
+    out += tmp
+
+
+def _update_moments(state: State, g: Array, beta1: float, beta2: float, tmp: Array) -> None:
+    """exp_avg.lerp_(g, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)."""
+    _lerp_(state["exp_avg"], g, 1 - beta1, tmp)
+    state["exp_avg_sq"] *= beta2
+    _addcmul_(state["exp_avg_sq"], g, g, 1 - beta2, tmp)
+
+
+class Adam(Optimizer):
+    name = "adam"
+    description = "Adam, optionally AMSGrad and decoupled (AdamW) weight decay (torch.optim.Adam)."
+    hparams: ClassVar[tuple[HParam, ...]] = (LR, BETAS, EPS, weight_decay(), AMSGRAD, MAXIMIZE, DECOUPLED)
+
+    def decoupled(self, hp: HP) -> bool:
+        return bool(hp["decoupled_weight_decay"])
+
+    def check(self, hp: HP, check: Check) -> None:
+        _check_common(hp, check)
+
+    def init_state(self, param: Array, hp: HP) -> State:
+        state = _moment_state(param)
+        if hp["amsgrad"]:
+            state["max_exp_avg_sq"] = np.zeros_like(param)
+        return state
+
+    def update(
+        self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
+    ) -> None:
+        lr, eps = hp["lr"], hp["eps"]
+        beta1, beta2 = hp["betas"]
+        decoupled = self.decoupled(hp)
+        for param, grad, state in zip(params, grads, states, strict=True):
+            a, b = _scratch(param, 2)
+            step, g = _begin_step(param, grad, state, hp, decoupled, a, b)
+            _update_moments(state, g, beta1, beta2, b)
+            step_size = lr / _bias_correction(beta1, step)
+            second = state["exp_avg_sq"]
+            if hp["amsgrad"]:
+                second = np.maximum(state["max_exp_avg_sq"], second, out=state["max_exp_avg_sq"])
+            denom = np.sqrt(second, out=b)
+            denom /= _bias_correction(beta2, step) ** 0.5
+            denom += eps
+            # `g` (possibly in `a`) is spent, so `a` is free again
+            _addcdiv_(param, state["exp_avg"], denom, -step_size, a)
+
+
+class AdamW(Adam):
+    name = "adamw"
+    description = "Adam with decoupled weight decay (torch.optim.AdamW)."
+    hparams = (LR, BETAS, EPS, weight_decay(1e-2), AMSGRAD, MAXIMIZE)
+
+    def decoupled(self, hp: HP) -> bool:
+        return True
+
+
+class NAdam(Optimizer):
+    name = "nadam"
+    description = "Adam with Nesterov momentum and a momentum-decay schedule (torch.optim.NAdam)."
+    hparams = (LR_2E3, BETAS, EPS, weight_decay(), MOMENTUM_DECAY, DECOUPLED, MAXIMIZE)
+
+    def check(self, hp: HP, check: Check) -> None:
+        _check_common(hp, check)
+        md = hp["momentum_decay"]
+        check.require(md >= 0.0, "momentum_decay", f"Invalid momentum_decay value: {md}")
+
+    def init_state(self, param: Array, hp: HP) -> State:
+        state = _moment_state(param)
+        # torch keeps mu_product in its default scalar dtype (float32) and rounds every product to it
+        state["mu_product"] = np.ones((), dtype=np.float32)
+        return state
+
+    def update(
+        self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
+    ) -> None:
+        lr, eps, momentum_decay = hp["lr"], hp["eps"], hp["momentum_decay"]
+        beta1, beta2 = hp["betas"]
+        for param, grad, state in zip(params, grads, states, strict=True):
+            a, b, c = _scratch(param, 3)
+            step, g = _begin_step(param, grad, state, hp, hp["decoupled_weight_decay"], a, b)
+            mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+            mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+            state["mu_product"] *= mu
+            mu_product = float(state["mu_product"])
+            mu_product_next = mu_product * mu_next
+            _update_moments(state, g, beta1, beta2, b)
+            denom = np.divide(state["exp_avg_sq"], _bias_correction(beta2, step), out=b)
+            np.sqrt(denom, out=denom)
+            denom += eps
+            _addcdiv_(param, g, denom, -lr * (1.0 - mu) / (1.0 - mu_product), c)
+            _addcdiv_(param, state["exp_avg"], denom, (-lr * mu_next) / (1.0 - mu_product_next), c)
+
+
+class RAdam(Optimizer):
+    name = "radam"
+    description = "Adam with the variance of the adaptive rate rectified (torch.optim.RAdam)."
+    hparams = (LR, BETAS, EPS, weight_decay(), DECOUPLED, MAXIMIZE)
+
+    def check(self, hp: HP, check: Check) -> None:
+        _check_common(hp, check)
+
+    def init_state(self, param: Array, hp: HP) -> State:
+        return _moment_state(param)
+
+    def update(
+        self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
+    ) -> None:
+        lr, eps = hp["lr"], hp["eps"]
+        beta1, beta2 = hp["betas"]
+        rho_inf = 2 / (1 - beta2) - 1
+        for param, grad, state in zip(params, grads, states, strict=True):
+            a, b = _scratch(param, 2)
+            step, g = _begin_step(param, grad, state, hp, hp["decoupled_weight_decay"], a, b)
+            _update_moments(state, g, beta1, beta2, b)
+            bias_correction2 = _bias_correction(beta2, step)
+            # bias_corrected_exp_avg * lr [* adaptive_lr * rect], multiplied left to right as torch does
+            update = np.divide(state["exp_avg"], _bias_correction(beta1, step), out=a)
+            update *= lr
+            rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+            if rho_t > 5.0:
+                adaptive_lr = np.sqrt(state["exp_avg_sq"], out=b)
+                adaptive_lr += eps
+                # torch evaluates `float / tensor` as tensor.reciprocal() * float
+                np.reciprocal(adaptive_lr, out=adaptive_lr)
+                adaptive_lr *= bias_correction2**0.5
+                update *= adaptive_lr
+                update *= (
+                    (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+                ) ** 0.5
+            param -= update
+
+
+class Adamax(Optimizer):
+    name = "adamax"
+    description = "Adam with the infinity norm in place of the second moment (torch.optim.Adamax)."
+    hparams = (LR_2E3, BETAS, EPS, weight_decay(), MAXIMIZE)
+
+    def check(self, hp: HP, check: Check) -> None:
+        _check_common(hp, check)
+
+    def init_state(self, param: Array, hp: HP) -> State:
+        return {"step": new_step(), "exp_avg": np.zeros_like(param), "exp_inf": np.zeros_like(param)}
+
+    def update(
+        self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
+    ) -> None:
+        lr, eps = hp["lr"], hp["eps"]
+        beta1, beta2 = hp["betas"]
+        for param, grad, state in zip(params, grads, states, strict=True):
+            a, b = _scratch(param, 2)
+            step, g = _begin_step(param, grad, state, hp, False, a, b)
+            _lerp_(state["exp_avg"], g, 1 - beta1, b)
+            exp_inf = state["exp_inf"]
+            exp_inf *= beta2
+            norm = np.abs(g, out=b)
+            norm += eps
+            np.maximum(exp_inf, norm, out=exp_inf)
+            clr = lr / _bias_correction(beta1, step)
+            _addcdiv_(param, state["exp_avg"], exp_inf, -clr, a)

@@ -1,0 +1,90 @@
+"""RMSprop, optionally centered and with momentum (torch.optim.RMSprop)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from app.optim.base import HP, LR, MAXIMIZE, Array, Optimizer, State, new_step, weight_decay
+from app.optim.hparams import Check, HParam
+
+
+class RMSprop(Optimizer):
+    name = "rmsprop"
+    description = "RMSprop: steps divided by a running RMS of the gradients (torch.optim.RMSprop)."
+    hparams = (
+        replace(LR, default=1e-2),
+        HParam("alpha", "float", 0.99, "smoothing constant of the running average of squared gradients"),
+        HParam("eps", "float", 1e-8, "term added to the denominator for numerical stability"),
+        weight_decay(),
+        HParam("momentum", "float", 0.0, "momentum factor"),
+        HParam("centered", "bool", False, "normalize by an estimate of the gradient's variance"),
+        MAXIMIZE,
+    )
+
+    def check(self, hp: HP, check: Check) -> None:
+        check.require(hp["lr"] >= 0.0, "lr", f"Invalid learning rate: {hp['lr']}")
+        check.require(hp["eps"] >= 0.0, "eps", f"Invalid epsilon value: {hp['eps']}")
+        check.require(hp["momentum"] >= 0.0, "momentum", f"Invalid momentum value: {hp['momentum']}")
+        check.require(
+            hp["weight_decay"] >= 0.0, "weight_decay", f"Invalid weight_decay value: {hp['weight_decay']}"
+        )
+        check.require(hp["alpha"] >= 0.0, "alpha", f"Invalid alpha value: {hp['alpha']}")
+
+    def init_state(self, param: Array, hp: HP) -> State:
+        state = {"step": new_step(), "square_avg": np.zeros_like(param)}
+        if hp["momentum"] > 0:
+            state["momentum_buffer"] = np.zeros_like(param)
+        if hp["centered"]:
+            state["grad_avg"] = np.zeros_like(param)
+        return state
+
+    def update(
+        self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
+    ) -> None:
+        lr, alpha, eps, wd, momentum = hp["lr"], hp["alpha"], hp["eps"], hp["weight_decay"], hp["momentum"]
+        for param, grad, state in zip(params, grads, states, strict=True):
+            state["step"] += 1
+            g = -grad if hp["maximize"] else grad
+            if wd != 0:
+                g = g + wd * param
+            square_avg = state["square_avg"]
+            square_avg *= alpha
+            square_avg += (1 - alpha) * g * g
+            if hp["centered"]:
+                grad_avg = state["grad_avg"]
+                _lerp(grad_avg, g, param.dtype.type(1 - alpha))
+                avg = np.multiply(grad_avg, grad_avg)
+                np.subtract(square_avg, avg, out=avg)
+                np.sqrt(avg, out=avg)
+            else:
+                avg = np.sqrt(square_avg)
+            avg += eps
+            if momentum > 0:
+                if "momentum_buffer" not in state:
+                    # a scheduler cycling momentum can switch it on after the state was created
+                    state["momentum_buffer"] = np.zeros_like(param)
+                buf = state["momentum_buffer"]
+                buf *= momentum
+                np.divide(g, avg, out=avg)
+                buf += avg
+                param -= lr * buf
+            else:
+                # torch's addcdiv_ scales the numerator before dividing: param + (-lr * g) / avg
+                scaled = np.multiply(g, -lr)
+                scaled /= avg
+                param += scaled
+
+
+def _lerp(start: Array, end: Array, weight: np.floating) -> None:
+    """torch's `start.lerp_(end, weight)`: which formula runs depends on the weight, as in ATen."""
+    diff = np.subtract(end, start)
+    if abs(weight) < 0.5:
+        diff *= weight
+        start += diff
+    else:
+        # the weight is subtracted from 1 in the parameter's precision, as ATen does
+        diff *= 1 - weight
+        np.subtract(end, diff, out=start)
