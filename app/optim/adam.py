@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from app.optim import fused
 from app.optim.base import HP, LR, MAXIMIZE, Array, Optimizer, State, new_step, weight_decay
 from app.optim.hparams import Check, HParam
 
@@ -74,6 +75,11 @@ def _bias_correction(beta: float, step: float) -> float:
     return correction
 
 
+def _adam_scalars(lr: float, beta1: float, beta2: float, step: float) -> tuple[float, float]:
+    """Adam's step size and the square root of its second bias correction, in Python floats as torch's."""
+    return lr / _bias_correction(beta1, step), _bias_correction(beta2, step) ** 0.5
+
+
 def _lerp_(start: Array, end: Array, weight: float, tmp: Array) -> None:
     """torch's `start.lerp_(end, weight)`, whose formula depends on the weight (taken in the array dtype)."""
     w = start.dtype.type(weight)
@@ -127,6 +133,36 @@ class Adam(Optimizer):
     def update(
         self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
     ) -> None:
+        """Per parameter: the fused kernel where `fused.usable`, else the numpy reference."""
+        beta1, beta2 = hp["betas"]
+        for param, grad, state in zip(params, grads, states, strict=True):
+            max_exp_avg_sq = state["max_exp_avg_sq"] if hp["amsgrad"] else None
+            if not fused.usable(param, grad, state["exp_avg"], state["exp_avg_sq"], max_exp_avg_sq):
+                self._update_reference([param], [grad], [state], hp)
+                continue
+            state["step"] += 1
+            step_size, bias_correction2_sqrt = _adam_scalars(hp["lr"], beta1, beta2, float(state["step"]))
+            fused.adam_(
+                param,
+                grad,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                max_exp_avg_sq,
+                lr=hp["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=hp["eps"],
+                weight_decay=hp["weight_decay"],
+                decoupled=self.decoupled(hp),
+                maximize=hp["maximize"],
+                step_size=step_size,
+                bias_correction2_sqrt=bias_correction2_sqrt,
+            )
+
+    def _update_reference(
+        self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
+    ) -> None:
+        """The definition: torch's single-tensor Adam in numpy, one operation at a time."""
         lr, eps = hp["lr"], hp["eps"]
         beta1, beta2 = hp["betas"]
         decoupled = self.decoupled(hp)
@@ -134,12 +170,12 @@ class Adam(Optimizer):
             a, b = _scratch(param, 2)
             step, g = _begin_step(param, grad, state, hp, decoupled, a, b)
             _update_moments(state, g, beta1, beta2, b)
-            step_size = lr / _bias_correction(beta1, step)
+            step_size, bias_correction2_sqrt = _adam_scalars(lr, beta1, beta2, step)
             second = state["exp_avg_sq"]
             if hp["amsgrad"]:
                 second = np.maximum(state["max_exp_avg_sq"], second, out=state["max_exp_avg_sq"])
             denom = np.sqrt(second, out=b)
-            denom /= _bias_correction(beta2, step) ** 0.5
+            denom /= bias_correction2_sqrt
             denom += eps
             # `g` (possibly in `a`) is spent, so `a` is free again
             _addcdiv_(param, state["exp_avg"], denom, -step_size, a)

@@ -4,11 +4,36 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.optim.adadelta import Adadelta
+from app.optim.adafactor import Adafactor
+from app.optim.adagrad import Adagrad
+from app.optim.adam import Adam, Adamax, AdamW, NAdam, RAdam
+from app.optim.asgd import ASGD
 from app.optim.base import Optimizer
 from app.optim.hparams import SpecError
+from app.optim.muon import Muon
+from app.optim.rmsprop import RMSprop
+from app.optim.rprop import Rprop
 from app.optim.sgd import SGD
 
-OPTIMIZERS: dict[str, Optimizer] = {opt.name: opt for opt in (SGD(),)}
+OPTIMIZERS: dict[str, Optimizer] = {
+    opt.name: opt
+    for opt in (
+        SGD(),
+        Adam(),
+        AdamW(),
+        NAdam(),
+        RAdam(),
+        Adamax(),
+        Adagrad(),
+        Adadelta(),
+        RMSprop(),
+        Rprop(),
+        ASGD(),
+        Adafactor(),
+        Muon(),
+    )
+}
 
 
 def get_optimizer(name: Any, field: str = "optimizer.name") -> Optimizer:

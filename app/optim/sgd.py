@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from app.optim import fused
 from app.optim.base import HP, LR, MAXIMIZE, Array, Optimizer, State, new_step, weight_decay
 from app.optim.hparams import Check, HParam
 
@@ -43,14 +44,38 @@ class SGD(Optimizer):
     def update(
         self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
     ) -> None:
+        """Per parameter: the fused kernel where `fused.usable`, else the numpy reference."""
+        for param, grad, state in zip(params, grads, states, strict=True):
+            buf = _momentum_buffer(param, state, hp)
+            if not fused.usable(param, grad, buf):
+                self._update_reference([param], [grad], [state], hp)
+                continue
+            state["step"] += 1
+            fused.sgd_(
+                param,
+                grad,
+                buf,
+                lr=hp["lr"],
+                momentum=hp["momentum"],
+                dampening=hp["dampening"],
+                weight_decay=hp["weight_decay"],
+                nesterov=hp["nesterov"],
+                maximize=hp["maximize"],
+                first_step=bool(state["step"] == 1),
+            )
+
+    def _update_reference(
+        self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
+    ) -> None:
+        """The definition: torch's single-tensor SGD in numpy."""
         lr, momentum, dampening, wd = hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"]
         for param, grad, state in zip(params, grads, states, strict=True):
             state["step"] += 1
             d_p = -grad if hp["maximize"] else grad
             if wd != 0:
                 d_p = d_p + wd * param
-            if momentum != 0:
-                buf = state.setdefault("momentum_buffer", np.zeros_like(param))
+            buf = _momentum_buffer(param, state, hp)
+            if buf is not None:
                 if state["step"] == 1:
                     # torch creates the buffer as a copy of the first gradient
                     np.copyto(buf, d_p)
@@ -59,3 +84,13 @@ class SGD(Optimizer):
                     buf += (1 - dampening) * d_p
                 d_p = d_p + momentum * buf if hp["nesterov"] else buf
             param -= lr * d_p
+
+
+def _momentum_buffer(param: Array, state: State, hp: HP) -> Array | None:
+    """The momentum buffer when momentum is on, made on first need (a state saved without momentum may
+    gain it), else None."""
+    if hp["momentum"] == 0:
+        return None
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = np.zeros_like(param)
+    return state["momentum_buffer"]

@@ -1,0 +1,63 @@
+"""Dependencies shared by the routers: the session service, the caller's tenant, the bounded body."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from app.api.errors import ApiError
+from app.sessions import SessionService
+
+OPEN_TENANT = ""
+
+
+def tenant_of(key: str) -> str:
+    """A stable id for a key that does not reveal it (sessions are stored under this, not the key)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def get_service(request: Request) -> SessionService:
+    service: SessionService = request.app.state.service
+    return service
+
+
+def get_tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    """The caller's tenant: open mode has one; otherwise the Bearer key must match a configured key."""
+    keys: list[bytes] = request.app.state.api_keys
+    if not keys:
+        return OPEN_TENANT
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401, "Unauthorized", "send `Authorization: Bearer <key>`", {"WWW-Authenticate": "Bearer"}
+        )
+    given = token.strip().encode()
+    match = None
+    for key in keys:  # every key is compared, so timing does not tell which prefix matched
+        if hmac.compare_digest(given, key):
+            match = key
+    if match is None:
+        raise ApiError(401, "Unauthorized", "unknown API key", {"WWW-Authenticate": "Bearer"})
+    return tenant_of(match.decode())
+
+
+async def read_body(request: Request) -> bytearray:
+    """The request body, refused with 413 as soon as it is known to exceed the limit."""
+    limit: int = request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "Body too large", f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks = bytearray()
+    async for chunk in request.stream():
+        chunks += chunk
+        if len(chunks) > limit:
+            raise ApiError(413, "Body too large", f"body exceeds the limit of {limit} bytes")
+    return chunks
+
+
+Service = Annotated[SessionService, Depends(get_service)]
+Tenant = Annotated[str, Depends(get_tenant)]
+Body = Annotated[bytearray, Depends(read_body)]

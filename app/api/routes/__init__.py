@@ -1,0 +1,1 @@
+"""Thin FastAPI routers: parse, call the use case, shape the answer."""

@@ -1,0 +1,130 @@
+"""`/v1/sessions`: create or restore, read, step, parameters, checkpoint, history, delete."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from starlette.responses import Response
+
+from app.api import bodies
+from app.api.deps import Body, Service, Tenant
+from app.api.openapi import (
+    CHECKPOINT_RESPONSE,
+    CREATE_BODY,
+    PARAMS_BODY,
+    PARAMS_RESPONSE,
+    SESSION_RESPONSE,
+    STEP_BODY,
+    STEP_RESPONSE,
+)
+from app.wire import safetensors
+from app.wire.negotiate import SAFETENSORS, NotAcceptable, request_format, response_format
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+
+def _formats(request: Request) -> tuple[bodies.Format, bodies.Format]:
+    fmt = request_format(request.headers.get("content-type"))
+    return fmt, response_format(request.headers.get("accept"), fmt)
+
+
+def _created(info: Any) -> Response:
+    return bodies.json_response(info.to_json(), 201, {"Location": f"/v1/sessions/{info.meta.id}"})
+
+
+@router.post("", status_code=201, openapi_extra=CREATE_BODY, responses=SESSION_RESPONSE)
+async def create_session(request: Request, service: Service, tenant: Tenant, body: Body) -> Response:
+    """Create a session from a JSON spec, or restore one from a checkpoint (safetensors body)."""
+    fmt = request_format(request.headers.get("content-type"))
+    response_format(request.headers.get("accept"), "json")
+    if fmt == "safetensors":
+        tensors, metadata = safetensors.decode(body, ("float32", "float64"))
+        return _created(await service.restore(tenant, tensors, metadata))
+    options, params, metadata = bodies.parse_create(body)
+    return _created(await service.create(tenant, options, params, metadata))
+
+
+@router.get("")
+async def list_sessions(service: Service, tenant: Tenant) -> Response:
+    """The caller's sessions: id, step, lr, created_at, updated_at, metadata."""
+    return bodies.json_response({"sessions": await service.list_sessions(tenant)})
+
+
+@router.get("/{session_id}", responses=SESSION_RESPONSE)
+async def get_session(session_id: str, service: Service, tenant: Tenant) -> Response:
+    """The session with every default filled in."""
+    return bodies.json_response((await service.get(tenant, session_id)).to_json())
+
+
+@router.post("/{session_id}/step", openapi_extra=STEP_BODY, responses=STEP_RESPONSE)
+async def step(
+    session_id: str,
+    request: Request,
+    service: Service,
+    tenant: Tenant,
+    body: Body,
+    return_params: Annotated[bool, Query()] = True,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> Response:
+    """Apply one optimizer step; answer the new step, lr, and (unless return_params=false) parameters."""
+    fmt, answer = _formats(request)
+    parsed = bodies.parse_step(body, fmt)
+    fingerprint = hashlib.blake2b(body, digest_size=16).hexdigest() if idempotency_key else ""
+    response: Response = await service.step(
+        tenant,
+        session_id,
+        parsed.grads,
+        bodies.render_step(answer, return_params),
+        loss=parsed.loss,
+        expected_step=parsed.step,
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
+    )
+    return response
+
+
+@router.get("/{session_id}/params", responses=PARAMS_RESPONSE)
+async def get_params(session_id: str, request: Request, service: Service, tenant: Tenant) -> Response:
+    """Current parameters, JSON or safetensors by Accept."""
+    answer = response_format(request.headers.get("accept"), "json")
+    response: Response = await service.params(tenant, session_id, bodies.render_params(answer))
+    return response
+
+
+@router.put("/{session_id}/params", openapi_extra=PARAMS_BODY, responses=SESSION_RESPONSE)
+async def put_params(
+    session_id: str, request: Request, service: Service, tenant: Tenant, body: Body
+) -> Response:
+    """Overwrite parameters (same names and shapes); optimizer state and step are kept."""
+    fmt = request_format(request.headers.get("content-type"))
+    values = bodies.parse_params(body, fmt)
+    return bodies.json_response((await service.put_params(tenant, session_id, values)).to_json())
+
+
+@router.get("/{session_id}/checkpoint", responses=CHECKPOINT_RESPONSE)
+async def checkpoint(session_id: str, request: Request, service: Service, tenant: Tenant) -> Response:
+    """Parameters, every optimizer state tensor, and the full spec and scheduler state, as safetensors."""
+    if response_format(request.headers.get("accept"), "safetensors") != "safetensors":
+        raise NotAcceptable(f"a checkpoint is only served as {SAFETENSORS}")
+    response: Response = await service.checkpoint(tenant, session_id, bodies.render_checkpoint)
+    return response
+
+
+@router.get("/{session_id}/history")
+async def history(
+    session_id: str,
+    service: Service,
+    tenant: Tenant,
+    limit: Annotated[int, Query(ge=0, le=100_000)] = 1000,
+) -> Response:
+    """Per-step records, newest last."""
+    return bodies.json_response({"steps": await service.history(tenant, session_id, limit)})
+
+
+@router.delete("/{session_id}", status_code=204)
+async def delete_session(session_id: str, service: Service, tenant: Tenant) -> Response:
+    """Delete the session; afterwards it is 404."""
+    await service.delete(tenant, session_id)
+    return Response(status_code=204)

@@ -1,0 +1,111 @@
+"""`create_app()` builds the ASGI app from settings; `app` is the default instance for any ASGI server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from app import __version__
+from app.api import errors
+from app.api.openapi import COMPONENTS
+from app.api.routes import catalogue, health, sessions
+from app.metrics import Metrics, MetricsMiddleware
+from app.sessions import SessionService
+from app.settings import Settings
+from app.store.base import Store
+
+log = logging.getLogger("optserve")
+EXPIRY_INTERVAL = 60.0
+
+
+def open_store(url: str) -> Store:
+    """The store a URL names: memory://, sqlite:///path, redis://host:port/db."""
+    scheme = url.split(":", 1)[0]
+    if url == "memory://" or scheme == "memory":
+        from app.store.memory import MemoryStore
+
+        return MemoryStore()
+    if scheme == "sqlite":
+        from app.store.sqlite import SqliteStore
+
+        return SqliteStore.from_url(url)
+    raise ValueError(f"unsupported store URL {url!r}; use memory://, sqlite:///path or redis://host:port/db")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    store = open_store(settings.store)
+    service = SessionService(store, ttl=settings.session_ttl, cache_bytes=settings.cache_bytes)
+    metrics = Metrics()
+    service.on_step = lambda outcome: metrics.steps.labels(str(outcome.skipped).lower()).inc()
+    keys = [k.encode() for k in settings.key_list()]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if not keys:
+            log.warning(
+                "optserve runs OPEN: no OPTSERVE_API_KEYS / OPTSERVE_API_KEYS_FILE, every caller is trusted"
+            )
+        sweeper = asyncio.create_task(_expire_forever(service)) if settings.session_ttl else None
+        try:
+            yield
+        finally:
+            if sweeper is not None:
+                sweeper.cancel()
+            await store.close()
+
+    app = FastAPI(
+        title="optserve",
+        version=__version__,
+        summary="Optimizer-as-a-service: torch.optim's exact steps over HTTP",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.state.metrics = metrics
+    app.state.api_keys = keys
+    errors.install(app)
+    for router in (sessions.router, catalogue.router, health.router):
+        app.include_router(router)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+async def _expire_forever(service: SessionService) -> None:
+    while True:
+        await asyncio.sleep(EXPIRY_INTERVAL)
+        try:
+            removed = await service.expire()
+            if removed:
+                log.info("expired %d idle sessions", removed)
+        except Exception:
+            log.exception("session expiry failed")
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the hand-written schemas of the bodies the handlers parse themselves."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(COMPONENTS)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+_default: FastAPI | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # `app.main:app` builds the default app on first use, so importing this module opens no store
+    global _default
+    if name == "app":
+        if _default is None:
+            _default = create_app()
+        return _default
+    raise AttributeError(name)

@@ -1,0 +1,264 @@
+"""Single-pass numba kernels for Adam/AdamW and SGD, rounding as torch's CPU kernels do (FMA included):
+the fast path, tested against the numpy references in `adam.py` and `sgd.py`, which stay the definition."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, cast
+
+import numpy as np
+
+from app.optim.base import Array
+
+try:
+    from numba import njit, types
+    from numba.extending import intrinsic
+except ImportError:  # numba is optional: without it every optimizer runs its numpy reference
+    HAVE_NUMBA = False
+else:
+    HAVE_NUMBA = True
+
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def available() -> bool:
+    """numba is importable and the fast path is not switched off with `OPTSERVE_FUSED=0`."""
+    return HAVE_NUMBA and os.environ.get("OPTSERVE_FUSED", "1").strip().lower() not in {"0", "false", "off"}
+
+
+def usable(param: Array, grad: Array, *state: Array | None) -> bool:
+    """Whether the kernels can take this parameter: `available()`, and every array (None slots skipped) is
+    C-contiguous, aligned, float32/float64 of the parameter's dtype and shape, all but `grad` writeable."""
+    if not available() or param.dtype not in DTYPES:
+        return False
+    written = [param, *(s for s in state if s is not None)]
+    return all(
+        a.dtype == param.dtype and a.shape == param.shape and a.flags.c_contiguous and a.flags.aligned
+        for a in [grad, *written]
+    ) and all(a.flags.writeable for a in written)
+
+
+def _flat(a: Array) -> Array:
+    return a.reshape(-1)  # a view: every array here is C-contiguous
+
+
+def _flat_read_only(a: Array) -> Array:
+    # numba specializes on writeability; a read-only view keeps one signature per dtype and the promise
+    view = a.reshape(-1)
+    view.flags.writeable = False
+    return view
+
+
+_EMPTY = {dtype: np.empty(0, dtype) for dtype in DTYPES}  # stands in for a slot the options leave unused
+
+
+def adam_(
+    param: Array,
+    grad: Array,
+    exp_avg: Array,
+    exp_avg_sq: Array,
+    max_exp_avg_sq: Array | None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+    step_size: float,
+    bias_correction2_sqrt: float,
+) -> None:
+    """One Adam/AdamW step of one parameter in place, `step` already bumped; AMSGrad when `max_exp_avg_sq`.
+
+    Scalars are rounded to the array dtype where torch rounds them (its CPU kernels take scalar operands in
+    the tensor's dtype), so the loop does float32 arithmetic on float32 arrays.
+    """
+    t = param.dtype.type
+    lerp_weight = t(1 - beta1)
+    _adam_kernel(
+        _flat(param),
+        _flat_read_only(grad),
+        _flat(exp_avg),
+        _flat(exp_avg_sq),
+        _EMPTY[param.dtype] if max_exp_avg_sq is None else _flat(max_exp_avg_sq),
+        bool(maximize),
+        weight_decay != 0 and not decoupled,
+        weight_decay != 0 and bool(decoupled),
+        t(weight_decay),
+        t(1 - lr * weight_decay),
+        max_exp_avg_sq is not None,
+        bool(abs(lerp_weight) < 0.5),
+        lerp_weight,
+        lerp_weight - t(1),  # exact: used only when the weight is at least 0.5
+        t(beta2),
+        t(1 - beta2),
+        t(bias_correction2_sqrt),
+        t(eps),
+        t(-step_size),
+    )
+
+
+def sgd_(
+    param: Array,
+    grad: Array,
+    momentum_buffer: Array | None,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+) -> None:
+    """One SGD step of one parameter in place; `momentum_buffer` is required when `momentum != 0` and is
+    overwritten with the gradient on the first step, as torch creates it."""
+    t = param.dtype.type
+    has_momentum = momentum != 0
+    if has_momentum and momentum_buffer is None:
+        raise ValueError("SGD with momentum needs a momentum buffer")
+    _sgd_kernel(
+        _flat(param),
+        _flat_read_only(grad),
+        _EMPTY[param.dtype] if momentum_buffer is None else _flat(momentum_buffer),
+        bool(maximize),
+        weight_decay != 0,
+        t(weight_decay),
+        has_momentum,
+        bool(first_step),
+        t(momentum),
+        t(1 - dampening),
+        bool(nesterov),
+        t(-lr),
+    )
+
+
+def warm_up() -> None:
+    """Compiles (or loads from numba's on-disk cache) every kernel signature, so no request pays for it."""
+    if not HAVE_NUMBA:
+        return
+    for dtype in DTYPES:
+        a, b, c, d, e = (np.ones(2, dtype) for _ in range(5))
+        adam_(
+            a,
+            b,
+            c,
+            d,
+            e,
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            decoupled=False,
+            maximize=False,
+            step_size=1e-2,
+            bias_correction2_sqrt=0.03,
+        )
+        sgd_(
+            a,
+            b,
+            c,
+            lr=0.1,
+            momentum=0.9,
+            dampening=0.0,
+            weight_decay=0.0,
+            nesterov=False,
+            maximize=False,
+            first_step=True,
+        )
+
+
+# The kernels: one pass over the elements per parameter, each element through exactly torch's operations.
+# Option flags are plain arguments: LLVM unswitches the loop on them (one vectorized loop per combination
+# that runs), which keeps one compiled signature per dtype. error_model="numpy" lets x/0 give inf as torch
+# does, instead of the check-and-raise that would also stop vectorization.
+if HAVE_NUMBA:
+
+    def _fma_typing(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+        if not (a == b == c and isinstance(a, types.Float)):
+            return None
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.fma(*args)
+
+        return a(a, b, c), codegen
+
+    # a * b + c rounded once (llvm.fma): torch's CPU add(alpha), lerp and addcmul kernels compile to FMAs
+    _fma = cast("Callable[[Any, Any, Any], Any]", intrinsic(_fma_typing))
+
+    _JIT: dict[str, Any] = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
+
+    @njit(**_JIT)  # type: ignore[untyped-decorator]
+    def _adam_kernel(
+        param: Array,
+        grad: Array,
+        exp_avg: Array,
+        exp_avg_sq: Array,
+        max_exp_avg_sq: Array,
+        maximize: bool,
+        coupled_decay: bool,
+        decoupled_decay: bool,
+        weight_decay: Any,
+        decay_factor: Any,
+        amsgrad: bool,
+        small_weight: bool,
+        lerp_weight: Any,
+        lerp_weight_m1: Any,
+        beta2: Any,
+        one_m_beta2: Any,
+        bias_correction2_sqrt: Any,
+        eps: Any,
+        neg_step_size: Any,
+    ) -> None:
+        for i in range(param.shape[0]):
+            p = param[i]
+            g = -grad[i] if maximize else grad[i]
+            if coupled_decay:
+                g = _fma(weight_decay, p, g)  # grad.add(param, alpha=weight_decay)
+            if decoupled_decay:
+                p = p * decay_factor  # param.mul_(1 - lr * weight_decay)
+            # exp_avg.lerp_(grad, 1 - beta1): torch's two formulas, switched on the weight
+            m = exp_avg[i]
+            m = _fma(lerp_weight, g - m, m) if small_weight else _fma(lerp_weight_m1, g - m, g)
+            exp_avg[i] = m
+            # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            v = _fma(one_m_beta2 * g, g, exp_avg_sq[i] * beta2)
+            exp_avg_sq[i] = v
+            if amsgrad:
+                # torch.maximum, NaN propagating
+                v_max = max_exp_avg_sq[i]
+                if v > v_max or v != v:
+                    v_max = v
+                max_exp_avg_sq[i] = v_max
+                v = v_max
+            # param.addcdiv_(exp_avg, (v.sqrt() / bias_correction2_sqrt).add_(eps), value=-step_size)
+            param[i] = p + (neg_step_size * m) / (np.sqrt(v) / bias_correction2_sqrt + eps)
+
+    @njit(**_JIT)  # type: ignore[untyped-decorator]
+    def _sgd_kernel(
+        param: Array,
+        grad: Array,
+        momentum_buffer: Array,
+        maximize: bool,
+        decay: bool,
+        weight_decay: Any,
+        has_momentum: bool,
+        first_step: bool,
+        momentum: Any,
+        one_m_dampening: Any,
+        nesterov: bool,
+        neg_lr: Any,
+    ) -> None:
+        for i in range(param.shape[0]):
+            g = -grad[i] if maximize else grad[i]
+            if decay:
+                g = _fma(weight_decay, param[i], g)  # grad.add(param, alpha=weight_decay)
+            if has_momentum:
+                # step 1 clones the gradient; later ones buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+                b = g if first_step else _fma(one_m_dampening, g, momentum_buffer[i] * momentum)
+                momentum_buffer[i] = b
+                g = _fma(momentum, b, g) if nesterov else b  # grad.add(buf, alpha=momentum)
+            param[i] = _fma(neg_lr, g, param[i])  # param.add_(grad, alpha=-lr)

@@ -1,0 +1,342 @@
+"""The use cases: create, step (ordering, idempotency, atomic commit), params, checkpoint, restore.
+
+No HTTP here: failures are domain errors that `app.api.errors` maps to problem+json. Every step runs
+under the session's lock in this process and commits compare-and-set in the store, so with one process
+or many sharing a store, steps apply one at a time, none lost, none twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import anyio
+
+from app.optim.base import Array
+from app.optim.engine import Engine, StepOutcome
+from app.optim.hparams import SpecError
+from app.store.base import HistoryRow, IdempotencyRecord, SessionMeta, Store, StoreError
+
+T = TypeVar("T")
+Render = Callable[[StepOutcome, Mapping[str, Array], bool], T]
+
+CHECKPOINT_KEY = "optserve.checkpoint"
+MAX_COMMIT_ATTEMPTS = 50
+# Below this many parameters a step is cheaper than a thread hop; above it, math leaves the event loop.
+INLINE_NUMEL = 1 << 16
+
+
+class NotFound(LookupError):
+    """No such session for this tenant (foreign sessions are indistinguishable from missing ones)."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        super().__init__(f"session {session_id!r} not found")
+
+
+class StepConflict(Exception):
+    """The request expected another step number than the session's."""
+
+    def __init__(self, expected: int, current: int) -> None:
+        self.expected = expected
+        self.current = current
+        super().__init__(f"expected step {expected}, but the session is at step {current}")
+
+
+class IdempotencyConflict(ValueError):
+    """An Idempotency-Key was reused with a different request body."""
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    meta: SessionMeta
+    step: int
+    lr: list[float]
+    description: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.meta.id,
+            "step": self.step,
+            "lr": self.lr,
+            **self.description,
+            "created_at": self.meta.created_at,
+            "updated_at": self.meta.updated_at,
+            "metadata": self.meta.metadata,
+        }
+
+
+def summary(meta: SessionMeta, step: int, lr: list[float]) -> dict[str, Any]:
+    return {
+        "id": meta.id,
+        "step": step,
+        "lr": lr,
+        "created_at": meta.created_at,
+        "updated_at": meta.updated_at,
+        "metadata": meta.metadata,
+    }
+
+
+def new_session_id() -> str:
+    return "s_" + secrets.token_urlsafe(12)
+
+
+class SessionService:
+    """Sessions of every tenant over one store, with a bounded cache of live engines."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        ttl: float | None = None,
+        cache_bytes: int = 1 << 30,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.clock = clock
+        self._cache: OrderedDict[str, tuple[SessionMeta, Engine]] = OrderedDict()
+        self._cache_limit = cache_bytes
+        self._cache_bytes = 0
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self.on_step: Callable[[StepOutcome], None] = lambda _: None
+
+    @property
+    def cached_sessions(self) -> int:
+        return len(self._cache)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _lock(self, session_id: str) -> asyncio.Lock:
+        lock = self._locks.get(session_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[session_id] = lock
+        return lock
+
+    async def _run(self, engine: Engine, fn: Callable[[], T]) -> T:
+        if engine.numel < INLINE_NUMEL:
+            return fn()
+        return await anyio.to_thread.run_sync(fn)
+
+    def _remember(self, meta: SessionMeta, engine: Engine) -> None:
+        """Caches a live engine; least recently used ones go when the cache outgrows its budget."""
+        self._forget(meta.id)
+        self._cache[meta.id] = (meta, engine)
+        self._cache_bytes += engine.nbytes
+        while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
+            self._forget(next(iter(self._cache)))
+
+    def _forget(self, session_id: str) -> None:
+        entry = self._cache.pop(session_id, None)
+        if entry is not None:
+            self._cache_bytes -= entry[1].nbytes
+
+    async def _guard(self, awaitable: Awaitable[T]) -> T:
+        try:
+            return await awaitable
+        except StoreError:
+            raise
+        except (OSError, RuntimeError) as exc:
+            raise StoreError(f"store failed: {exc}") from exc
+
+    async def _load(self, tenant: str, session_id: str) -> tuple[SessionMeta, Engine]:
+        """The session's current meta and engine, from the cache when it is still current."""
+        cached = self._cache.get(session_id)
+        if cached is not None and self.store.shared:
+            version = await self._guard(self.store.version(session_id))
+            if version != cached[0].version:
+                cached = None
+        if cached is None:
+            loaded = await self._guard(self.store.load(session_id))
+            if loaded is None:
+                self._forget(session_id)
+                raise NotFound(session_id)
+            cached = loaded
+            self._remember(*cached)
+        meta, engine = cached
+        if meta.tenant != tenant:
+            raise NotFound(session_id)
+        if self.ttl is not None and self.clock() - meta.updated_at > self.ttl:
+            await self._guard(self.store.delete(session_id))
+            self._forget(session_id)
+            raise NotFound(session_id)
+        return meta, engine
+
+    # -- use cases --------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        tenant: str,
+        options: Mapping[str, Any],
+        params: Mapping[str, Array],
+        metadata: Mapping[str, str],
+    ) -> SessionInfo:
+        engine = Engine.create(options, params)
+        return await self._insert(tenant, engine, metadata)
+
+    async def restore(
+        self, tenant: str, tensors: Mapping[str, Array], metadata: Mapping[str, str]
+    ) -> SessionInfo:
+        """A new session continuing exactly where a checkpoint was."""
+        raw = metadata.get(CHECKPOINT_KEY)
+        if raw is None:
+            raise SpecError.one(
+                "checkpoint", f"metadata has no {CHECKPOINT_KEY!r}: not an optserve checkpoint"
+            )
+        try:
+            saved = json.loads(raw)
+        except ValueError:
+            raise SpecError.one("checkpoint", f"metadata {CHECKPOINT_KEY!r} is not JSON") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("engine"), dict):
+            raise SpecError.one("checkpoint", "metadata does not describe a session")
+        engine = Engine.restore(tensors, saved["engine"])
+        user_meta = saved.get("metadata") or {}
+        return await self._insert(tenant, engine, {str(k): str(v) for k, v in user_meta.items()})
+
+    async def _insert(self, tenant: str, engine: Engine, metadata: Mapping[str, str]) -> SessionInfo:
+        now = self.clock()
+        meta = SessionMeta(new_session_id(), tenant, now, now, dict(metadata), version=0)
+        await self._guard(self.store.create(meta, engine))
+        self._remember(meta, engine)
+        return SessionInfo(meta, engine.step_count, engine.lr, engine.describe())
+
+    async def get(self, tenant: str, session_id: str) -> SessionInfo:
+        async with self._lock(session_id):
+            meta, engine = await self._load(tenant, session_id)
+            return SessionInfo(meta, engine.step_count, engine.lr, engine.describe())
+
+    async def list_sessions(self, tenant: str) -> list[dict[str, Any]]:
+        rows = await self._guard(self.store.sessions_of(tenant))
+        now = self.clock()
+        live = [r for r in rows if self.ttl is None or now - r[0].updated_at <= self.ttl]
+        return [summary(*row) for row in sorted(live, key=lambda r: r[0].created_at)]
+
+    async def step(
+        self,
+        tenant: str,
+        session_id: str,
+        grads: Mapping[str, Array],
+        render: Render[T],
+        *,
+        loss: float | None = None,
+        expected_step: int | None = None,
+        idempotency_key: str | None = None,
+        fingerprint: str = "",
+    ) -> T:
+        """Applies one step and renders the answer while the session is still at that step."""
+        async with self._lock(session_id):
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                meta, engine = await self._load(tenant, session_id)
+                if idempotency_key is not None:
+                    record = await self._guard(self.store.idempotency(session_id, idempotency_key))
+                    if record is not None:
+                        if record.fingerprint != fingerprint:
+                            raise IdempotencyConflict(
+                                f"Idempotency-Key {idempotency_key!r} was first used with a different body"
+                            )
+                        replayed = StepOutcome(
+                            record.step, record.lr, record.skipped, record.grad_norm or 0.0
+                        )
+                        return render(replayed, engine.params, True)
+                if expected_step is not None and expected_step != engine.step_count:
+                    raise StepConflict(expected_step, engine.step_count)
+                prepared = engine.prepare(grads, loss)
+
+                def apply_and_render(
+                    prepared: Any = prepared, engine: Engine = engine
+                ) -> tuple[StepOutcome, T]:
+                    outcome = engine.apply(prepared)
+                    return outcome, render(outcome, engine.params, False)
+
+                outcome, answer = await self._run(engine, apply_and_render)
+                now = self.clock()
+                new_meta = replace(meta, updated_at=now, version=meta.version + 1)
+                grad_norm = None if outcome.skipped else outcome.grad_norm
+                history = HistoryRow(outcome.step, outcome.lr, loss, grad_norm, outcome.skipped, now)
+                record = (
+                    None
+                    if idempotency_key is None
+                    else IdempotencyRecord(
+                        idempotency_key, fingerprint, outcome.step, outcome.lr, outcome.skipped, grad_norm
+                    )
+                )
+                try:
+                    committed = await self._guard(
+                        self.store.commit(new_meta, engine, meta.version, history, record)
+                    )
+                except BaseException:
+                    self._forget(session_id)  # the cached engine moved ahead of the store
+                    raise
+                if committed:
+                    self._remember(new_meta, engine)
+                    self.on_step(outcome)
+                    return answer
+                self._forget(session_id)  # another process committed first: reload, redo
+            raise StoreError(f"session {session_id!r}: too much contention, step not applied")
+
+    async def params(
+        self, tenant: str, session_id: str, render: Callable[[int, Mapping[str, Array]], T]
+    ) -> T:
+        async with self._lock(session_id):
+            _, engine = await self._load(tenant, session_id)
+            return render(engine.step_count, engine.params)
+
+    async def put_params(self, tenant: str, session_id: str, values: Mapping[str, Array]) -> SessionInfo:
+        async with self._lock(session_id):
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                meta, engine = await self._load(tenant, session_id)
+                engine.check_tensors(values, "params")
+                await self._run(engine, lambda engine=engine: engine.set_params(values))  # type: ignore[misc]
+                new_meta = replace(meta, updated_at=self.clock(), version=meta.version + 1)
+                try:
+                    committed = await self._guard(
+                        self.store.commit(new_meta, engine, meta.version, None, None)
+                    )
+                except BaseException:
+                    self._forget(session_id)
+                    raise
+                if committed:
+                    self._remember(new_meta, engine)
+                    return SessionInfo(new_meta, engine.step_count, engine.lr, engine.describe())
+                self._forget(session_id)
+            raise StoreError(f"session {session_id!r}: too much contention, parameters not written")
+
+    async def checkpoint(
+        self, tenant: str, session_id: str, render: Callable[[Mapping[str, Array], dict[str, str]], T]
+    ) -> T:
+        async with self._lock(session_id):
+            meta, engine = await self._load(tenant, session_id)
+            tensors, engine_meta = engine.snapshot()
+            saved = {"engine": engine_meta, "metadata": meta.metadata, "source": meta.id}
+            metadata = {CHECKPOINT_KEY: json.dumps(saved), "step": str(engine.step_count)}
+            return render(tensors, metadata)
+
+    async def history(self, tenant: str, session_id: str, limit: int) -> list[dict[str, Any]]:
+        async with self._lock(session_id):
+            await self._load(tenant, session_id)
+            rows = await self._guard(self.store.history(session_id, limit))
+        return [row.to_json() for row in rows]
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        async with self._lock(session_id):
+            await self._load(tenant, session_id)
+            await self._guard(self.store.delete(session_id))
+            self._forget(session_id)
+
+    async def expire(self) -> int:
+        """Deletes idle sessions when a TTL is set; the server calls this periodically."""
+        if self.ttl is None:
+            return 0
+        removed = await self._guard(self.store.expire(self.ttl, self.clock()))
+        now = self.clock()
+        for sid in [s for s, (m, _) in self._cache.items() if now - m.updated_at > self.ttl]:
+            self._forget(sid)
+        return removed

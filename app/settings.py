@@ -1,0 +1,34 @@
+"""All settings, from flags or OPTSERVE_* environment variables (the README lists them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STORE = "sqlite:///./optserve-data/optserve.db"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPTSERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    store: str = Field(DEFAULT_STORE, description="sqlite:///path, memory://, or redis://host:port/db")
+    api_keys: str | None = Field(None, description="comma-separated bearer keys; unset = open mode")
+    api_keys_file: Path | None = Field(None, description="file with one key per line")
+    max_body_bytes: int = Field(1 << 30, description="largest request body accepted (413 above)")
+    session_ttl: float | None = Field(None, description="seconds of idleness after which a session expires")
+    cache_bytes: int = Field(1 << 30, description="memory for live sessions cached over a durable store")
+    history_limit: int = Field(10_000, description="history rows kept per session")
+
+    def key_list(self) -> list[str]:
+        """Every configured API key (env list and file), blank lines and `#` comments ignored."""
+        keys = [k.strip() for k in (self.api_keys or "").split(",") if k.strip()]
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return keys

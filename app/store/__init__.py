@@ -1,0 +1,1 @@
+"""Where sessions live: one small protocol, with memory, SQLite and Redis behind it."""

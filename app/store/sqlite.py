@@ -1,0 +1,291 @@
+"""`sqlite:///path`: the embedded durable default. One transaction per step, WAL, synchronous=FULL.
+
+A session row holds its JSON metadata and all its tensors as one safetensors blob; a step's new state,
+step count, history row and idempotency record commit together, compare-and-set on `version`, so
+several processes may share one file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+
+from app.optim.engine import Engine
+from app.store.base import HistoryRow, IdempotencyRecord, SessionMeta, StoreError
+from app.wire import safetensors
+
+T = TypeVar("T")
+IDEMPOTENCY_STEPS = 1_000
+PRUNE_EVERY = 100
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    metadata TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    lr TEXT NOT NULL,
+    engine TEXT NOT NULL,
+    tensors BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_tenant ON sessions (tenant);
+CREATE TABLE IF NOT EXISTS history (
+    session_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    lr TEXT NOT NULL,
+    loss REAL,
+    grad_norm REAL,
+    skipped INTEGER NOT NULL,
+    time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_session ON history (session_id);
+CREATE TABLE IF NOT EXISTS idempotency (
+    session_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    lr TEXT NOT NULL,
+    skipped INTEGER NOT NULL,
+    grad_norm REAL,
+    PRIMARY KEY (session_id, key)
+);
+"""
+
+
+def _encode(engine: Engine) -> tuple[str, bytes]:
+    tensors, meta = engine.snapshot()
+    return json.dumps(meta), safetensors.encode_bytes(tensors, None)
+
+
+class SqliteStore:
+    shared = True
+
+    def __init__(self, path: Path, history_limit: int = 10_000) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.history_limit = history_limit
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    @classmethod
+    def from_url(cls, url: str, history_limit: int = 10_000) -> SqliteStore:
+        """`sqlite:///relative/path.db` or `sqlite:////absolute/path.db`."""
+        raw = url.removeprefix("sqlite://")
+        if not raw.startswith("/") or len(raw) < 2:
+            raise ValueError(f"invalid SQLite URL {url!r}; expected sqlite:///path/to/file.db")
+        return cls(Path(raw[1:]), history_limit)
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def locked() -> T:
+            with self._lock:
+                try:
+                    return fn(self._db)
+                except sqlite3.Error as exc:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise StoreError(f"SQLite: {exc}") from exc
+
+        return await anyio.to_thread.run_sync(locked)
+
+    async def create(self, meta: SessionMeta, engine: Engine) -> None:
+        engine_json, blob = await anyio.to_thread.run_sync(_encode, engine)
+
+        def run(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    meta.id,
+                    meta.tenant,
+                    meta.created_at,
+                    meta.updated_at,
+                    json.dumps(meta.metadata),
+                    meta.version,
+                    engine.step_count,
+                    json.dumps(engine.lr),
+                    engine_json,
+                    blob,
+                ),
+            )
+
+        await self._call(run)
+
+    async def load(self, session_id: str) -> tuple[SessionMeta, Engine] | None:
+        def run(db: sqlite3.Connection) -> Any:
+            return db.execute(
+                "SELECT id, tenant, created_at, updated_at, metadata, version, engine, tensors "
+                "FROM sessions WHERE id = ?",
+                (session_id,),
+            ).fetchone()
+
+        row = await self._call(run)
+        if row is None:
+            return None
+        meta = SessionMeta(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+
+        def rebuild() -> Engine:
+            tensors, _ = safetensors.decode(row[7], ("float32", "float64"))
+            return Engine.restore(tensors, json.loads(row[6]))
+
+        return meta, await anyio.to_thread.run_sync(rebuild)
+
+    async def version(self, session_id: str) -> int | None:
+        def run(db: sqlite3.Connection) -> Any:
+            return db.execute("SELECT version FROM sessions WHERE id = ?", (session_id,)).fetchone()
+
+        row = await self._call(run)
+        return None if row is None else int(row[0])
+
+    async def commit(
+        self,
+        meta: SessionMeta,
+        engine: Engine,
+        expected_version: int,
+        history: HistoryRow | None,
+        idempotency: IdempotencyRecord | None,
+    ) -> bool:
+        engine_json, blob = await anyio.to_thread.run_sync(_encode, engine)
+        step = engine.step_count
+
+        def run(db: sqlite3.Connection) -> bool:
+            db.execute("BEGIN IMMEDIATE")
+            cursor = db.execute(
+                "UPDATE sessions SET updated_at=?, metadata=?, version=?, step=?, lr=?, engine=?, tensors=? "
+                "WHERE id=? AND version=?",
+                (
+                    meta.updated_at,
+                    json.dumps(meta.metadata),
+                    meta.version,
+                    step,
+                    json.dumps(engine.lr),
+                    engine_json,
+                    blob,
+                    meta.id,
+                    expected_version,
+                ),
+            )
+            if cursor.rowcount != 1:
+                db.execute("ROLLBACK")
+                return False
+            if history is not None:
+                db.execute(
+                    "INSERT INTO history VALUES (?,?,?,?,?,?,?)",
+                    (
+                        meta.id,
+                        history.step,
+                        json.dumps(history.lr),
+                        history.loss,
+                        history.grad_norm,
+                        history.skipped,
+                        history.time,
+                    ),
+                )
+            if idempotency is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO idempotency VALUES (?,?,?,?,?,?,?)",
+                    (
+                        meta.id,
+                        idempotency.key,
+                        idempotency.fingerprint,
+                        idempotency.step,
+                        json.dumps(idempotency.lr),
+                        idempotency.skipped,
+                        idempotency.grad_norm,
+                    ),
+                )
+            if meta.version % PRUNE_EVERY == 0:
+                self._prune(db, meta.id, step)
+            db.execute("COMMIT")
+            return True
+
+        return await self._call(run)
+
+    def _prune(self, db: sqlite3.Connection, session_id: str, step: int) -> None:
+        db.execute(
+            "DELETE FROM idempotency WHERE session_id = ? AND step < ?",
+            (session_id, step - IDEMPOTENCY_STEPS),
+        )
+        db.execute(
+            "DELETE FROM history WHERE session_id = ? AND rowid <= ("
+            "SELECT rowid FROM history WHERE session_id = ? ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+            (session_id, session_id, self.history_limit),
+        )
+
+    async def idempotency(self, session_id: str, key: str) -> IdempotencyRecord | None:
+        def run(db: sqlite3.Connection) -> Any:
+            return db.execute(
+                "SELECT key, fingerprint, step, lr, skipped, grad_norm FROM idempotency "
+                "WHERE session_id = ? AND key = ?",
+                (session_id, key),
+            ).fetchone()
+
+        row = await self._call(run)
+        if row is None:
+            return None
+        return IdempotencyRecord(row[0], row[1], row[2], json.loads(row[3]), bool(row[4]), row[5])
+
+    async def history(self, session_id: str, limit: int) -> list[HistoryRow]:
+        def run(db: sqlite3.Connection) -> list[Any]:
+            return db.execute(
+                "SELECT step, lr, loss, grad_norm, skipped, time FROM history WHERE session_id = ? "
+                "ORDER BY rowid DESC LIMIT ?",
+                (session_id, min(limit, self.history_limit)),
+            ).fetchall()
+
+        rows = await self._call(run)
+        return [HistoryRow(r[0], json.loads(r[1]), r[2], r[3], bool(r[4]), r[5]) for r in reversed(rows)]
+
+    async def sessions_of(self, tenant: str) -> list[tuple[SessionMeta, int, list[float]]]:
+        def run(db: sqlite3.Connection) -> list[Any]:
+            return db.execute(
+                "SELECT id, tenant, created_at, updated_at, metadata, version, step, lr FROM sessions "
+                "WHERE tenant = ?",
+                (tenant,),
+            ).fetchall()
+
+        rows = await self._call(run)
+        return [
+            (SessionMeta(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]), r[6], json.loads(r[7]))
+            for r in rows
+        ]
+
+    async def delete(self, session_id: str) -> bool:
+        def run(db: sqlite3.Connection) -> bool:
+            db.execute("BEGIN IMMEDIATE")
+            deleted = db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount
+            db.execute("DELETE FROM history WHERE session_id = ?", (session_id,))
+            db.execute("DELETE FROM idempotency WHERE session_id = ?", (session_id,))
+            db.execute("COMMIT")
+            return bool(deleted)
+
+        return await self._call(run)
+
+    async def expire(self, idle_seconds: float, now: float) -> int:
+        def run(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                "SELECT id FROM sessions WHERE updated_at < ?", (now - idle_seconds,)
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        stale = await self._call(run)
+        for session_id in stale:
+            await self.delete(session_id)
+        return len(stale)
+
+    async def ping(self) -> None:
+        await self._call(lambda db: db.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,71 @@
+"""Steps over HTTP (JSON and safetensors both ways) agree with torch.optim run in-process."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from tests.api.helpers import ST, TorchTwin, create, params_of, step
+from tests.optim.oracle import TOL, gradient, initial_params
+
+SHAPES = {"w": (6, 5), "b": (5,)}
+
+CASES: list[tuple[str, dict[str, Any], Any, dict[str, Any], dict[str, Any] | None, Any]] = [
+    (
+        "adam+amsgrad+step_lr",
+        {"name": "adam", "lr": 0.01, "amsgrad": True, "weight_decay": 0.01},
+        torch.optim.Adam,
+        {"lr": 0.01, "amsgrad": True, "weight_decay": 0.01},
+        {"name": "step_lr", "step_size": 10, "gamma": 0.7},
+        partial(torch.optim.lr_scheduler.StepLR, step_size=10, gamma=0.7),
+    ),
+    (
+        "sgd+nesterov+cosine",
+        {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
+        torch.optim.SGD,
+        {"lr": 0.05, "momentum": 0.9, "nesterov": True},
+        {"name": "cosine_annealing_lr", "T_max": 25, "eta_min": 0.001},
+        partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=25, eta_min=0.001),
+    ),
+    (
+        "rmsprop+centered",
+        {"name": "rmsprop", "lr": 0.01, "centered": True, "momentum": 0.5},
+        torch.optim.RMSprop,
+        {"lr": 0.01, "centered": True, "momentum": 0.5},
+        None,
+        None,
+    ),
+    ("adamw", {"name": "adamw", "lr": 0.01}, torch.optim.AdamW, {"lr": 0.01}, None, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(("request_fmt", "accept"), [("json", None), ("safetensors", None), ("json", ST)])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+async def test_http_steps_match_torch(
+    make_client: Any, case: tuple[Any, ...], request_fmt: str, accept: str | None, dtype: Any
+) -> None:
+    _, spec, torch_cls, torch_kwargs, sched_spec, torch_sched = case
+    client: httpx.AsyncClient = await make_client()
+    init = initial_params(SHAPES, dtype)
+    session = await create(client, init, optimizer=spec, scheduler=sched_spec)
+    twin = TorchTwin(init, torch_cls, torch_sched, **torch_kwargs)
+    ours = init
+    for t in range(60):
+        grads = {k: gradient(t, k, ours[k], skip_every=0) for k in ours}
+        answer = await step(
+            client, session, grads, request_fmt, headers={"Accept": accept} if accept else None
+        )
+        twin.step(grads)
+        ours = params_of(answer)
+        for name, value in ours.items():
+            assert value.dtype == dtype
+            np.testing.assert_allclose(value, twin.params()[name], **TOL[dtype], err_msg=f"{name} step {t}")
+        lr = answer.json()["lr"] if request_fmt == "json" and not accept else None
+        if lr is not None:
+            assert lr == pytest.approx(twin.lr(), rel=1e-12)
