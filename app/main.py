@@ -24,23 +24,24 @@ log = logging.getLogger("optserve")
 EXPIRY_INTERVAL = 60.0
 
 
-def open_store(url: str) -> Store:
-    """The store a URL names: memory://, sqlite:///path, redis://host:port/db."""
+def open_store(settings: Settings) -> Store:
+    """The store `settings.store` names: memory://, sqlite:///path, redis://host:port/db."""
+    url = settings.store
     scheme = url.split(":", 1)[0]
-    if url == "memory://" or scheme == "memory":
+    if scheme == "memory":
         from app.store.memory import MemoryStore
 
-        return MemoryStore()
+        return MemoryStore(settings.history_limit)
     if scheme == "sqlite":
         from app.store.sqlite import SqliteStore
 
-        return SqliteStore.from_url(url)
+        return SqliteStore.from_url(url, settings.history_limit)
     raise ValueError(f"unsupported store URL {url!r}; use memory://, sqlite:///path or redis://host:port/db")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    store = open_store(settings.store)
+    store = open_store(settings)
     service = SessionService(store, ttl=settings.session_ttl, cache_bytes=settings.cache_bytes)
     metrics = Metrics()
     service.on_step = lambda outcome: metrics.steps.labels(str(outcome.skipped).lower()).inc()

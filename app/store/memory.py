@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, replace
 from app.optim.engine import Engine
 from app.store.base import HistoryRow, IdempotencyRecord, SessionMeta
 
-HISTORY_LIMIT = 10_000
 IDEMPOTENCY_STEPS = 1_000
 
 
@@ -16,18 +15,19 @@ IDEMPOTENCY_STEPS = 1_000
 class _Entry:
     meta: SessionMeta
     engine: Engine
-    history: deque[HistoryRow] = field(default_factory=lambda: deque(maxlen=HISTORY_LIMIT))
+    history: deque[HistoryRow]
     keys: OrderedDict[str, IdempotencyRecord] = field(default_factory=OrderedDict)
 
 
 class MemoryStore:
     shared = False
 
-    def __init__(self) -> None:
+    def __init__(self, history_limit: int = 10_000) -> None:
         self._entries: dict[str, _Entry] = {}
+        self._history_limit = history_limit
 
     async def create(self, meta: SessionMeta, engine: Engine) -> None:
-        self._entries[meta.id] = _Entry(replace(meta), engine)
+        self._entries[meta.id] = _Entry(replace(meta), engine, deque(maxlen=self._history_limit))
 
     async def load(self, session_id: str) -> tuple[SessionMeta, Engine] | None:
         entry = self._entries.get(session_id)
