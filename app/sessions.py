@@ -248,15 +248,13 @@ class SessionService:
                         return render(replayed, engine.params, True)
                 if expected_step is not None and expected_step != engine.step_count:
                     raise StepConflict(expected_step, engine.step_count)
-                prepared = engine.prepare(grads, loss)
 
-                def apply_and_render(
-                    prepared: Any = prepared, engine: Engine = engine
-                ) -> tuple[StepOutcome, T]:
-                    outcome = engine.apply(prepared)
+                def work(engine: Engine = engine) -> tuple[StepOutcome, T]:
+                    # prepare validates without side effects; only then does apply mutate
+                    outcome = engine.apply(engine.prepare(grads, loss))
                     return outcome, render(outcome, engine.params, False)
 
-                outcome, answer = await self._run(engine, apply_and_render)
+                outcome, answer = await self._run(engine, work)
                 now = self.clock()
                 new_meta = replace(meta, updated_at=now, version=meta.version + 1)
                 grad_norm = None if outcome.skipped else outcome.grad_norm

@@ -8,18 +8,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from app.optim.base import HP, LR, MAXIMIZE, Array, Optimizer, State, new_step, weight_decay
+from app.optim.floats import VECTOR_BYTES, fma, lerp, sequential_sum, vector_norm
 from app.optim.hparams import Check, HParam
-from app.optim.muon import VECTOR_BYTES, fma, lerp, vector_norm
 
 
 def _ceil_log2(n: int) -> int:
     return (n - 1).bit_length() if n > 1 else 0
-
-
-def _sequential_sum(start: Array, rows: Array) -> Array:
-    """`start + rows[0] + rows[1] + ...` strictly left to right (cumsum never reorders)."""
-    out: Array = np.cumsum(np.concatenate([start[None], rows]), axis=0)[-1]
-    return out
 
 
 def _multi_row_sum(rows: Array) -> Array:
@@ -30,14 +24,14 @@ def _multi_row_sum(rows: Array) -> Array:
     acc = np.zeros((4, *rows.shape[1:]), dtype=rows.dtype)
     i = 0
     while i + step <= size:
-        acc[0] = _sequential_sum(acc[0], rows[i : i + step])
+        acc[0] = sequential_sum(acc[0], rows[i : i + step])
         i += step
         for j in range(1, 4):
             acc[j] += acc[j - 1]
             acc[j - 1] = 0
             if i & ((step - 1) << (j * level_power)):
                 break
-    acc[0] = _sequential_sum(acc[0], rows[i:])
+    acc[0] = sequential_sum(acc[0], rows[i:])
     out: Array = acc[0] + acc[1] + acc[2] + acc[3]
     return out
 
@@ -46,7 +40,7 @@ def _row_sum(rows: Array) -> Array:
     """ATen's `row_sum`: four interleaved partial sums (ILP), the leftovers into the first, folded."""
     ilp = rows.shape[0] // 4
     partial = _multi_row_sum(rows[: ilp * 4].reshape(ilp, 4, *rows.shape[1:]))
-    partial[0] = _sequential_sum(partial[0], rows[ilp * 4 :])
+    partial[0] = sequential_sum(partial[0], rows[ilp * 4 :])
     out: Array = partial[0] + partial[1] + partial[2] + partial[3]
     return out
 
@@ -64,8 +58,8 @@ def torch_sum(x: Array) -> Array:
         return _row_sum(rows)
     whole = n // lanes * lanes
     lane_sums = _row_sum(rows[:whole].reshape(n // lanes, lanes, *rows.shape[1:]))
-    leftover = _sequential_sum(np.zeros(rows.shape[1:], dtype=x.dtype), rows[whole:])
-    return _sequential_sum(leftover, lane_sums)
+    leftover = sequential_sum(np.zeros(rows.shape[1:], dtype=x.dtype), rows[whole:])
+    return sequential_sum(leftover, lane_sums)
 
 
 def _norm(x: Array) -> float:

@@ -1,4 +1,4 @@
-"""Muon: momentum orthogonalized by a bfloat16 Newton-Schulz iteration, 2-D parameters only (torch.optim.Muon)."""
+"""Muon: momentum orthogonalized by a bfloat16 Newton-Schulz iteration, 2-D only (torch.optim.Muon)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from app.optim.base import HP, LR, Array, Optimizer, State, weight_decay
+from app.optim.floats import fma, lerp, sequential_sum, vector_norm
 from app.optim.hparams import Check, HParam
 
 # torch.optim._muon's defaults (Keller Jordan's constants)
@@ -19,82 +20,20 @@ DEFAULT_NS_STEPS = 5
 # ATen hands a bfloat16 GEMM to oneDNN only above this m*n*k (aten/src/ATen/native/mkldnn/Matmul.cpp);
 # at or below it, its own scalar kernel runs, whose summation order we reproduce exactly.
 _ONEDNN_MIN_MNK = 16 * 16 * 16
-# torch runs its 2-norm kernel at AVX2 width even on AVX512 CPUs: 32-byte vectors, so 8 float32 or 4 float64
-# lanes, and a Vectorized<BFloat16> of 16 feeds the 8 float lanes in two halves.
-VECTOR_BYTES = 32
 _BF16_CHUNK = 16
-
-
-def fma(a: Array, b: Any, c: Array, out: Array | None = None) -> Array:
-    """`a * b + c` in c's dtype with one rounding, as torch's CPU kernels fuse it (lerp, add with alpha).
-
-    float32: the float64 product of two float32 values is exact, so rounding the float64 sum once to
-    float32 gives the fused result. float64: numpy has no fused multiply-add; two roundings stay within
-    one ulp of torch, far inside the float64 contract.
-    """
-    if out is None:
-        out = np.empty_like(c)
-    scale = c.dtype.type(b) if np.ndim(b) == 0 else b  # torch casts a scalar alpha to the tensor's dtype
-    if c.dtype == np.float32:
-        wide = a.astype(np.float64)
-        wide *= scale
-        wide += c
-        np.copyto(out, wide, casting="same_kind")
-    else:
-        np.add(np.multiply(a, scale, dtype=c.dtype), c, out=out)
-    return out
-
-
-def lerp(start: Array, end: Array, weight: float, out: Array | None = None) -> Array:
-    """torch.lerp: fused `start + w*(end - start)` when |w| < 0.5, else `end + (w - 1)*(end - start)`."""
-    w = start.dtype.type(weight)
-    diff = end - start
-    if abs(w) < 0.5:
-        return fma(diff, w, start, out)
-    return fma(diff, w - 1, end, out)
 
 
 def _round_bf16(x: Any) -> Array:
     """float32 values rounded to the nearest bfloat16 (ties to even), kept as float32 as torch widens them."""
-    bits = np.asarray(x, dtype=np.float32, order="C").view(np.uint32)
+    # keeps the memory layout: a transposed view must stay one, as it picks torch's GEMM kernel
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32)
     rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) & np.uint32(0xFFFF0000)
     return rounded.view(np.float32)
-
-
-def vector_norm(x: Array, chunk: int = 0) -> Array:
-    """torch's 2-norm over the last axis, in the order of its vectorized CPU kernel; one norm per row.
-
-    Element i of the first `n - n % chunk` goes to lane i % lanes (a product rounded, then added), the
-    lanes are folded left to right, then the leftover elements are added in order: for float32 GCC
-    vectorizes that loop four at a time with rounded products and fuses the last ones, float64 fuses all.
-    A full reduction of a contiguous tensor is this over the flattened tensor. `chunk` defaults to the
-    lane count.
-    """
-    lanes = VECTOR_BYTES // x.dtype.itemsize
-    n = x.shape[-1]
-    main = n - n % (chunk or lanes)
-    squares = x * x
-    lane_sums = np.zeros((*x.shape[:-1], lanes), dtype=x.dtype)
-    if main:
-        # cumsum adds strictly in sequence, which is what makes it a faithful accumulator here
-        lane_sums = np.cumsum(squares[..., :main].reshape(*x.shape[:-1], -1, lanes), axis=-2)[..., -1, :]
-    unfused = main + (n - main) // 4 * 4 if x.dtype == np.float32 else main
-    terms = np.concatenate([lane_sums, squares[..., main:unfused]], axis=-1)
-    total: Array = np.cumsum(terms, axis=-1)[..., -1]
-    for i in range(unfused, n):  # at most three leftover elements
-        total = fma(x[..., i], x[..., i], total)
-    return np.sqrt(total)
 
 
 def _bf16_norm(x: Array) -> Array:
     """`tensor.norm()` of a contiguous bfloat16 tensor: float32 sums (of exact squares), bf16 result."""
     return _round_bf16(vector_norm(x.reshape(-1), _BF16_CHUNK))
-
-
-def sequential_sum(start: Array, rows: Array) -> Array:
-    """`start + rows[0] + rows[1] + ...` along axis 0, strictly left to right (cumsum never reorders)."""
-    out: Array = np.cumsum(np.concatenate([start[None], rows]), axis=0)[-1]
-    return out
 
 
 def _fold_lanes(v: Array) -> Array:
@@ -115,7 +54,9 @@ def _ilp_dot(products: Array) -> Array:
     main = k - k % 4
     partial = np.zeros((4, m, n), dtype=np.float32)
     if main:
-        partial[...] = np.cumsum(products[:, :main].reshape(m, main // 4, 4, n), axis=1)[:, -1].transpose(1, 0, 2)
+        partial[...] = np.cumsum(products[:, :main].reshape(m, main // 4, 4, n), axis=1)[:, -1].transpose(
+            1, 0, 2
+        )
     partial[0] = sequential_sum(partial[0], products[:, main:].transpose(1, 0, 2))
     out: Array = partial[0] + partial[1] + partial[2] + partial[3]
     return out
@@ -151,12 +92,12 @@ def _elements(x: Array) -> tuple[int, int]:
     return rows // x.itemsize, cols // x.itemsize
 
 
-def _blas_transposes(mat1: Array, mat2: Array) -> tuple[bool, bool, bool]:
-    """ATen's `addmm_impl_cpu_` layout logic for a fresh row-major result: (transa, transb, swapped).
+def _blas_transposes(mat1: Array, mat2: Array) -> tuple[bool, bool]:
+    """ATen's `addmm_impl_cpu_` layout logic for a fresh row-major result: BLAS's (transa, transb).
 
-    The result is handed to column-major BLAS as its transpose, so mat2 plays BLAS's `a` and mat1 its
-    `b` (swapped), except for single-row results. Each operand is transposed for BLAS when its memory
-    runs the other way.
+    The result goes to column-major BLAS as its transpose, so mat2 plays BLAS's `a` and mat1 its `b`,
+    unless the result is a single column. Each operand is transposed for BLAS when its memory runs the
+    other way.
     """
     rows, cols = mat1.shape[0], mat2.shape[1]
     swapped = cols != 1  # a contiguous result reads as column-major only when it is a single column
@@ -173,7 +114,7 @@ def _blas_transposes(mat1: Array, mat2: Array) -> tuple[bool, bool, bool]:
             transposes.append(True)
         else:  # torch clones it contiguous
             transposes.append(not swapped)
-    return transposes[0], transposes[1], swapped
+    return transposes[0], transposes[1]
 
 
 def _addmm_bf16(c: Array | None, mat1: Array, mat2: Array, beta: float, alpha: float) -> Array:
@@ -189,12 +130,12 @@ def _addmm_bf16(c: Array | None, mat1: Array, mat2: Array, beta: float, alpha: f
     if rows * k * mat2.shape[1] > _ONEDNN_MIN_MNK:
         dot: Array = mat1 @ mat2
     else:
-        transa, transb, _ = _blas_transposes(mat1, mat2)
+        transa, transb = _blas_transposes(mat1, mat2)
         products = mat1[:, :, None] * mat2[None, :, :]
         if transb and not transa:
-            # this loop accumulates into a float32 copy of beta*c, in order; alpha is 1 wherever
+            # this loop accumulates in order into a float32 copy of beta*c; alpha is 1 wherever
             # Newton-Schulz reaches it, which keeps every product exact
-            start = np.zeros(products[:, 0].shape, np.float32) if c is None or beta == 0 else c * np.float32(beta)
+            start = np.zeros_like(products[:, 0]) if c is None or beta == 0 else c * np.float32(beta)
             return _round_bf16(sequential_sum(start, (products * np.float32(alpha)).transpose(1, 0, 2)))
         dot = _vector_dot(products) if transa and not transb else _ilp_dot(products)
     if alpha != 1:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated, Any
 
+import xxhash
 from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import Response
 
@@ -13,8 +13,13 @@ from app.api.deps import Body, Service, Tenant
 from app.api.openapi import (
     CHECKPOINT_RESPONSE,
     CREATE_BODY,
+    CREATE_RESPONSE,
+    DELETE_RESPONSE,
+    HISTORY_RESPONSE,
+    LIST_RESPONSE,
     PARAMS_BODY,
     PARAMS_RESPONSE,
+    PUT_PARAMS_RESPONSE,
     SESSION_RESPONSE,
     STEP_BODY,
     STEP_RESPONSE,
@@ -34,7 +39,7 @@ def _created(info: Any) -> Response:
     return bodies.json_response(info.to_json(), 201, {"Location": f"/v1/sessions/{info.meta.id}"})
 
 
-@router.post("", status_code=201, openapi_extra=CREATE_BODY, responses=SESSION_RESPONSE)
+@router.post("", status_code=201, openapi_extra=CREATE_BODY, responses=CREATE_RESPONSE)
 async def create_session(request: Request, service: Service, tenant: Tenant, body: Body) -> Response:
     """Create a session from a JSON spec, or restore one from a checkpoint (safetensors body)."""
     fmt = request_format(request.headers.get("content-type"))
@@ -46,7 +51,7 @@ async def create_session(request: Request, service: Service, tenant: Tenant, bod
     return _created(await service.create(tenant, options, params, metadata))
 
 
-@router.get("")
+@router.get("", responses=LIST_RESPONSE)
 async def list_sessions(service: Service, tenant: Tenant) -> Response:
     """The caller's sessions: id, step, lr, created_at, updated_at, metadata."""
     return bodies.json_response({"sessions": await service.list_sessions(tenant)})
@@ -71,7 +76,7 @@ async def step(
     """Apply one optimizer step; answer the new step, lr, and (unless return_params=false) parameters."""
     fmt, answer = _formats(request)
     parsed = bodies.parse_step(body, fmt)
-    fingerprint = hashlib.blake2b(body, digest_size=16).hexdigest() if idempotency_key else ""
+    fingerprint = xxhash.xxh3_128_hexdigest(body) if idempotency_key else ""
     response: Response = await service.step(
         tenant,
         session_id,
@@ -93,7 +98,7 @@ async def get_params(session_id: str, request: Request, service: Service, tenant
     return response
 
 
-@router.put("/{session_id}/params", openapi_extra=PARAMS_BODY, responses=SESSION_RESPONSE)
+@router.put("/{session_id}/params", openapi_extra=PARAMS_BODY, responses=PUT_PARAMS_RESPONSE)
 async def put_params(
     session_id: str, request: Request, service: Service, tenant: Tenant, body: Body
 ) -> Response:
@@ -103,7 +108,7 @@ async def put_params(
     return bodies.json_response((await service.put_params(tenant, session_id, values)).to_json())
 
 
-@router.get("/{session_id}/checkpoint", responses=CHECKPOINT_RESPONSE)
+@router.get("/{session_id}/checkpoint", response_class=Response, responses=CHECKPOINT_RESPONSE)
 async def checkpoint(session_id: str, request: Request, service: Service, tenant: Tenant) -> Response:
     """Parameters, every optimizer state tensor, and the full spec and scheduler state, as safetensors."""
     if response_format(request.headers.get("accept"), "safetensors") != "safetensors":
@@ -112,7 +117,7 @@ async def checkpoint(session_id: str, request: Request, service: Service, tenant
     return response
 
 
-@router.get("/{session_id}/history")
+@router.get("/{session_id}/history", responses=HISTORY_RESPONSE)
 async def history(
     session_id: str,
     service: Service,
@@ -123,7 +128,7 @@ async def history(
     return bodies.json_response({"steps": await service.history(tenant, session_id, limit)})
 
 
-@router.delete("/{session_id}", status_code=204)
+@router.delete("/{session_id}", status_code=204, responses=DELETE_RESPONSE)
 async def delete_session(session_id: str, service: Service, tenant: Tenant) -> Response:
     """Delete the session; afterwards it is 404."""
     await service.delete(tenant, session_id)
