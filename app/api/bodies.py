@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -12,12 +12,12 @@ from starlette.responses import Response
 from app.optim.base import Array
 from app.optim.engine import StepOutcome
 from app.wire import jsontensor, safetensors
+from app.wire.common import FLOAT_DTYPES as GRAD_DTYPES
+from app.wire.common import PARAM_DTYPES
 from app.wire.errors import WireError
 from app.wire.negotiate import JSON, SAFETENSORS
 
 Format = Literal["json", "safetensors"]
-PARAM_DTYPES = ("float32", "float64")
-GRAD_DTYPES = ("float16", "float32", "float64")
 CREATE_KEYS = (
     "optimizer",
     "params",
@@ -48,7 +48,7 @@ def _object(body: Any, allowed: tuple[str, ...], what: str) -> dict[str, Any]:
     return body
 
 
-def _tensors(value: Any, field: str, default_dtype: str, allowed: tuple[str, ...]) -> dict[str, Array]:
+def _tensors(value: Any, field: str, default_dtype: str, allowed: Collection[str]) -> dict[str, Array]:
     if not isinstance(value, dict):
         raise WireError("expected an object of name -> tensor", field=field)
     return {

@@ -19,6 +19,7 @@ import anyio
 from app.optim.engine import Engine
 from app.store.base import HistoryRow, IdempotencyRecord, SessionMeta, StoreError
 from app.wire import safetensors
+from app.wire.common import PARAM_DTYPES
 
 T = TypeVar("T")
 IDEMPOTENCY_STEPS = 1_000
@@ -135,7 +136,7 @@ class SqliteStore:
         meta = SessionMeta(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
 
         def rebuild() -> Engine:
-            tensors, _ = safetensors.decode(row[7], ("float32", "float64"))
+            tensors, _ = safetensors.decode(row[7], PARAM_DTYPES)
             return Engine.restore(tensors, json.loads(row[6]))
 
         return meta, await anyio.to_thread.run_sync(rebuild)

@@ -14,7 +14,7 @@ Format = Literal["json", "safetensors"]
 
 JSON = "application/json"
 SAFETENSORS = "application/vnd.safetensors"
-OCTET = "application/octet-stream"  # a synonym of SAFETENSORS in requests
+OCTET = "application/octet-stream"  # SAFETENSORS in Content-Type, and in Accept when named explicitly
 PROBLEM_JSON = "application/problem+json"
 
 MEDIA_TYPES: dict[Format, str] = {"json": JSON, "safetensors": SAFETENSORS}
@@ -46,21 +46,26 @@ def request_format(content_type: str | None) -> Format:
     if media in (SAFETENSORS, OCTET):
         return "safetensors"
     raise UnsupportedMediaType(
-        f"Content-Type {show(content_type)} is not supported; send {_OFFERED} ({OCTET} is read as safetensors)"
+        f"Content-Type {show(content_type)} is not supported; send {_OFFERED} "
+        f"({OCTET} is read as safetensors)"
     )
 
 
 # RFC 9110 §5.6.2 tokens, §5.6.4 quoted strings, §12.4.2 qvalues; whitespace is OWS.
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
-_ELEMENTS = re.compile(rf'(?:[^",]|{_QUOTED})+')
+# Hostile headers must take linear time: the range and parameter patterns are unambiguous (no two ways to
+# match the same text), and the splitting one never backtracks (its closing quote is optional, so that an
+# unterminated quote cannot make it quadratic).
+_ELEMENTS = re.compile(r'(?:[^",]|"(?:[^"\\]|\\.)*"?)+', re.S)
 _RANGE = re.compile(
-    rf"[ \t]*(?P<type>{_TOKEN})/(?P<subtype>{_TOKEN})"
-    rf"(?P<params>(?:[ \t]*;[ \t]*(?:{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))?)*)[ \t]*"
+    rf"[ \t]*(?P<type>{_TOKEN})/(?P<subtype>{_TOKEN})[ \t]*"
+    rf"(?P<params>(?:;[ \t]*(?:{_TOKEN}=(?:{_TOKEN}|{_QUOTED})[ \t]*)?)*)",
+    re.S,
 )
-_PARAM = re.compile(rf";[ \t]*(?P<name>{_TOKEN})=(?P<value>{_TOKEN}|{_QUOTED})")
+_PARAM = re.compile(rf";[ \t]*(?P<name>{_TOKEN})=(?P<value>{_TOKEN}|{_QUOTED})", re.S)
 _QVALUE = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
-_UNESCAPE = re.compile(r"\\(.)")
+_UNESCAPE = re.compile(r"\\(.)", re.S)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from app.api.bodies import json_response
 from app.api.deps import Tenant
+from app.api.openapi import OPTIMIZERS_RESPONSE, PREVIEW_RESPONSE, SCHEDULERS_RESPONSE
 from app.optim.engine import preview_schedule
 from app.optim.registry import optimizer_catalogue
 from app.optim.schedulers import scheduler_catalogue
@@ -28,19 +29,19 @@ class Preview(BaseModel):
     optimizer: dict[str, Any] | None = Field(None, description="optimizer spec (default sgd) for cycling")
 
 
-@router.get("/optimizers")
+@router.get("/optimizers", responses=OPTIMIZERS_RESPONSE)
 async def optimizers(_: Tenant) -> Response:
     """Every optimizer with its hyperparameters, types, defaults and a one-line description."""
     return json_response({"optimizers": optimizer_catalogue()})
 
 
-@router.get("/schedulers")
+@router.get("/schedulers", responses=SCHEDULERS_RESPONSE)
 async def schedulers(_: Tenant) -> Response:
     """Every scheduler with its arguments, types, defaults and a one-line description."""
     return json_response({"schedulers": scheduler_catalogue()})
 
 
-@router.post("/schedules/preview")
+@router.post("/schedules/preview", responses=PREVIEW_RESPONSE)
 async def preview(body: Preview, _: Tenant) -> Response:
     """The lr before each of the next `steps` steps, per group."""
     lrs = preview_schedule(

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from app.api.bodies import json_response
 from app.api.errors import problem
+from app.api.openapi import HEALTH_RESPONSE, METRICS_RESPONSE, READY_RESPONSE
 from app.store.base import StoreError
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=HEALTH_RESPONSE)
 async def healthz() -> Response:
     """The process is up."""
     return json_response({"status": "ok"})
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=READY_RESPONSE)
 async def readyz(request: Request) -> Response:
     """The store is reachable."""
     try:
@@ -28,7 +29,7 @@ async def readyz(request: Request) -> Response:
     return json_response({"status": "ready", "store": request.app.state.settings.store.split(":", 1)[0]})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSE)
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     m = request.app.state.metrics

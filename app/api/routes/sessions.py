@@ -25,6 +25,7 @@ from app.api.openapi import (
     STEP_RESPONSE,
 )
 from app.wire import safetensors
+from app.wire.common import PARAM_DTYPES
 from app.wire.negotiate import SAFETENSORS, NotAcceptable, request_format, response_format
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -45,7 +46,7 @@ async def create_session(request: Request, service: Service, tenant: Tenant, bod
     fmt = request_format(request.headers.get("content-type"))
     response_format(request.headers.get("accept"), "json")
     if fmt == "safetensors":
-        tensors, metadata = safetensors.decode(body, ("float32", "float64"))
+        tensors, metadata = safetensors.decode(body, PARAM_DTYPES)
         return _created(await service.restore(tenant, tensors, metadata))
     options, params, metadata = bodies.parse_create(body)
     return _created(await service.create(tenant, options, params, metadata))
