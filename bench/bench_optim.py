@@ -1,0 +1,132 @@
+"""The optimizer update alone on 1M and 10M float32 parameters: ours (fused kernel and numpy reference)
+against torch's fused Adam and SGD, measured in the same run, one thread each.
+
+Run: `python -m bench.bench_optim`. Our kernels are single-threaded (no numba parallelism), so torch gets
+`torch.set_num_threads(1)`. Ratios are against torch's fused Adam at the same size, and against the row's
+torch twin (Adam rows: fused Adam; SGD rows: torch SGD with momentum).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.optim import fused
+from app.optim.adam import Adam
+from app.optim.base import Optimizer
+from app.optim.hparams import parse
+from app.optim.sgd import SGD
+from bench.common import table
+
+SIZES = (1_000_000, 10_000_000)
+ADAM_SPEC: dict[str, Any] = {"lr": 1e-3}
+SGD_SPEC: dict[str, Any] = {"lr": 1e-2, "momentum": 0.9}
+TORCH_ADAM = "torch Adam fused=True"
+COLUMNS = ["case", "params", "ms", "ns/param", "vs torch fused Adam", "vs torch twin"]
+
+Step = Callable[[], Any]
+
+
+def _ours(opt: Optimizer, spec: dict[str, Any], numel: int, reference: bool) -> Step:
+    rng = np.random.default_rng(0)
+    param = rng.standard_normal(numel, dtype=np.float32)
+    grad = rng.standard_normal(numel, dtype=np.float32)
+    grad.flags.writeable = False  # the engine hands gradients over read-only
+    hp = parse(opt.hparams, spec, "optimizer")
+    state = opt.init_state(param, hp)
+    update = opt._update_reference if reference else opt.update  # type: ignore[attr-defined]
+    return lambda: update([param], [grad], [state], hp)
+
+
+def _torch(make: Callable[[list[torch.Tensor]], torch.optim.Optimizer], numel: int) -> Step:
+    gen = torch.Generator().manual_seed(0)
+    param = torch.randn(numel, generator=gen).requires_grad_()
+    param.grad = torch.randn(numel, generator=gen)
+    opt = make([param])
+    opt.step()  # fails here, not in the timing, if this build cannot do it
+    return opt.step
+
+
+def _torch_sgd(numel: int) -> tuple[str, Step]:
+    """torch SGD with momentum, fused if this CPU build supports it, else its default implementation."""
+    try:
+        return "torch SGD momentum fused=True", _torch(
+            lambda p: torch.optim.SGD(p, **SGD_SPEC, fused=True), numel
+        )
+    except (RuntimeError, ValueError):
+        return "torch SGD momentum (default)", _torch(lambda p: torch.optim.SGD(p, **SGD_SPEC), numel)
+
+
+def _cases(numel: int) -> list[tuple[str, str, Step]]:
+    """(name, torch twin's name, step) per case, each on its own freshly allocated arrays."""
+    # without the fused path `update` runs the reference: no row may then be labelled "fused"
+    ours = fused.available()
+    sgd, sgd_step = _torch_sgd(numel)
+    torch_adam_default = _torch(lambda p: torch.optim.Adam(p, **ADAM_SPEC), numel)
+    return [
+        (TORCH_ADAM, TORCH_ADAM, _torch(lambda p: torch.optim.Adam(p, **ADAM_SPEC, fused=True), numel)),
+        ("torch Adam default (single-tensor)", TORCH_ADAM, torch_adam_default),
+        *([("optserve Adam fused", TORCH_ADAM, _ours(Adam(), ADAM_SPEC, numel, False))] if ours else []),
+        ("optserve Adam reference", TORCH_ADAM, _ours(Adam(), ADAM_SPEC, numel, reference=True)),
+        (sgd, sgd, sgd_step),
+        *([("optserve SGD momentum fused", sgd, _ours(SGD(), SGD_SPEC, numel, False))] if ours else []),
+        ("optserve SGD momentum reference", sgd, _ours(SGD(), SGD_SPEC, numel, reference=True)),
+    ]
+
+
+def interleaved_medians(steps: dict[str, Step], repeat: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds of each step, timed round-robin so that every case sees the same machine load."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeat):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run(sizes: tuple[int, ...] = SIZES, repeat: int | None = None) -> list[dict[str, Any]]:
+    """One row per case and size: median seconds over `repeat` runs (default: more for smaller sizes)."""
+    torch.set_num_threads(1)
+    fused.warm_up()
+    rows: list[dict[str, Any]] = []
+    for numel in sizes:
+        reps = repeat or max(15, 50_000_000 // numel)
+        cases = _cases(numel)
+        seconds = interleaved_medians({name: step for name, _, step in cases}, reps)
+        rows += [
+            {
+                "case": name,
+                "params": numel,
+                "seconds": seconds[name],
+                "ms": seconds[name] * 1e3,
+                "ns/param": seconds[name] * 1e9 / numel,
+                "vs torch fused Adam": seconds[name] / seconds[TORCH_ADAM],
+                "vs torch twin": seconds[name] / seconds[twin],
+                "repeat": reps,
+            }
+            for name, twin, _ in cases
+        ]
+    return rows
+
+
+def main() -> int:
+    rows = run()
+    print(
+        f"float32; torch on 1 thread, our kernels single-threaded; fused path available: {fused.available()}"
+    )
+    print(table(rows, COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
