@@ -3,33 +3,42 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+SOURCES := app clients/python/optserve tests bench
 
-.PHONY: install install-test demo test lint typecheck bench clean
+.PHONY: install install-test system-deps demo test lint typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e .
+$(STAMP): $(BIN)/python pyproject.toml clients/python/pyproject.toml
+	$(PIP) install --quiet -e . -e 'clients/python[demo]'
 	touch $@
 
-$(TEST_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/pip install --quiet -e '.[test]'
+# torch is pinned to the CPU build (2.13.0); an unpinned torch would pull several GB of CUDA packages
+$(TEST_STAMP): $(STAMP) pyproject.toml clients/python/pyproject.toml
+	$(PIP) install --quiet -e '.[test]' -e 'clients/python[demo,torch]'
 	touch $@
 
 install: $(STAMP)
 
-install-test: $(TEST_STAMP)
+install-test: $(TEST_STAMP) system-deps
+
+# redis-server backs the Redis store's tests; Debian's package, installed when missing (root in CI)
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
 demo: install
 	$(BIN)/optserve demo
 
 lint: install-test
-	$(BIN)/ruff check app tests bench
-	$(BIN)/ruff format --check app tests bench
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
 
 typecheck: install-test
 	$(BIN)/mypy
@@ -37,5 +46,8 @@ typecheck: install-test
 test: install-test lint typecheck
 	$(BIN)/python -m pytest -q
 
+bench: install-test
+	$(BIN)/python -m bench
+
 clean:
-	rm -rf $(VENV) optserve-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) optserve-data demo-output .pytest_cache .mypy_cache .ruff_cache

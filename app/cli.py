@@ -30,10 +30,14 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo(args: argparse.Namespace) -> int:
-    from app.demo import run_demo
-
-    return run_demo(url=args.url, steps=args.steps)
+def demo(argv: Sequence[str]) -> int:
+    """Hands every argument to the SDK's reference training loop (`optserve.demo`)."""
+    try:
+        from optserve.demo import main as demo_main
+    except ImportError:
+        print("optserve demo needs the SDK: pip install -e 'clients/python[demo]' (make demo does)")
+        return 2
+    return demo_main(list(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,10 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(run=serve)
-    d = commands.add_parser("demo", help="run the reference training loop against a server")
-    d.add_argument("--url", help="an optserve server; default: start one on a temporary SQLite store")
-    d.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
-    d.set_defaults(run=demo)
+    commands.add_parser("demo", help="run the reference training loop (see `optserve demo --help`)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        return demo(argv[1:])
     args = parser.parse_args(argv)
     code: int = args.run(args)
     return code

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
@@ -16,6 +17,7 @@ from app.api import errors
 from app.api.openapi import COMPONENTS
 from app.api.routes import catalogue, health, sessions
 from app.metrics import Metrics, MetricsMiddleware
+from app.optim import fused
 from app.sessions import SessionService
 from app.settings import Settings
 from app.store.base import Store
@@ -36,6 +38,11 @@ def open_store(settings: Settings) -> Store:
         from app.store.sqlite import SqliteStore
 
         return SqliteStore.from_url(url, settings.history_limit)
+    if scheme in ("redis", "rediss"):
+        from app.store.redis import RedisStore
+
+        # idle sessions expire through Redis TTLs on their keys, (re)set by every write
+        return RedisStore.from_url(url, settings.history_limit, ttl=settings.session_ttl)
     raise ValueError(f"unsupported store URL {url!r}; use memory://, sqlite:///path or redis://host:port/db")
 
 
@@ -53,6 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning(
                 "optserve runs OPEN: no OPTSERVE_API_KEYS / OPTSERVE_API_KEYS_FILE, every caller is trusted"
             )
+        # compile (or load from numba's cache) the fused kernels now, so no step pays for it
+        await anyio.to_thread.run_sync(fused.warm_up)
         sweeper = asyncio.create_task(_expire_forever(service)) if settings.session_ttl else None
         try:
             yield

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ import numpy as np
 
 from app.wire import safetensors
 from bench.common import median_seconds, table
+from tests.system.redis_server import RedisServer
 from tests.system.server import Server
 
 ST = "application/vnd.safetensors"
@@ -40,8 +42,11 @@ def round_trip(store: str, numel: int, repeat: int) -> float:
 
 
 def run(numel: int = 1_000_000, repeat: int = 20) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory(prefix="optserve-bench-") as tmp:
-        stores = {"memory://": "memory://", "sqlite://": f"sqlite:///{tmp}/bench.db"}
+    with (
+        tempfile.TemporaryDirectory(prefix="optserve-bench-") as tmp,
+        RedisServer(Path(tmp) / "redis") as redis,  # its own redis-server: AOF, appendfsync always
+    ):
+        stores = {"memory://": "memory://", "sqlite://": f"sqlite:///{tmp}/bench.db", "redis://": redis.url()}
         results = {name: round_trip(url, numel, repeat) for name, url in stores.items()}
     base = results["memory://"]
     return [

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from app.optim import clip
 from app.optim.base import Array, Optimizer, State
@@ -241,7 +242,12 @@ class Engine:
         """Validates and processes gradients (nonfinite policy, clipping) without changing the engine."""
         self.check_tensors(grads, "grads")
         if loss is not None and not math.isfinite(loss):
-            raise StepError("loss", f"must be a finite number, got {loss!r}")
+            # a NaN loss usually comes with the NaN gradients the `skip` policy is there to absorb
+            if self.options["nonfinite"] == "skip":
+                return PreparedStep({}, None, math.nan, skipped=True)
+            raise StepError(
+                "loss", f"must be a finite number, got {loss!r} (session option nonfinite='error')"
+            )
         cast: dict[str, Array] = {}
         for name, g in grads.items():
             dtype = self.params[name].dtype
@@ -300,11 +306,17 @@ class Engine:
     def set_params(self, values: Mapping[str, Array]) -> None:
         """Overwrites parameters (same names and shapes); optimizer state and step are kept."""
         self.check_tensors(values, "params")
-        for name, value in values.items():
+        # Checked after the cast to the parameter's dtype: a float64 beyond float32's range becomes inf.
+        with np.errstate(over="ignore"):
+            cast = {name: value.astype(self.params[name].dtype, copy=False) for name, value in values.items()}
+        for name, value in cast.items():
             if not np.isfinite(value).all():
-                raise StepError(f"params.{name}", "contains NaN or Infinity")
-        for name, value in values.items():
-            np.copyto(self.params[name], value, casting="same_kind")
+                dtype = self.params[name].dtype.name
+                raise StepError(
+                    f"params.{name}", f"contains NaN or Infinity, or a value out of range for {dtype}"
+                )
+        for name, value in cast.items():
+            np.copyto(self.params[name], value)
 
     # -- persistence ------------------------------------------------------------------------------
 
@@ -352,7 +364,7 @@ class Engine:
                     group.clear()
                     group.update({k: tuple(v) if k in tuples else v for k, v in saved.items()})
                 scheduler.load_state_dict(meta["scheduler"])
-            return cls(
+            engine = cls(
                 options,
                 params,
                 states,
@@ -362,10 +374,71 @@ class Engine:
                 int(meta["step"]),
                 [float(x) for x in meta["losses"]],
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            engine._verify_restored(tensors)
+            return engine
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
             if isinstance(exc, SpecError):
                 raise
             raise SpecError.one("checkpoint", f"inconsistent checkpoint: {exc!r}") from None
+
+    def _verify_restored(self, tensors: Mapping[str, Array]) -> None:
+        """A checkpoint is untrusted input: accept only what `snapshot` could have written, so that nothing
+        the session does later fails on it. Spec values are validated (and canonicalized) as `create` does,
+        every parameter's state must have exactly the slots, shapes and dtypes `init_state` gives it, no
+        tensor may be left over, and the scheduler must be able to advance."""
+
+        def bad(field: str, message: str) -> SpecError:
+            return SpecError.one(f"checkpoint.{field}", message)
+
+        opt = self.optimizer
+        raw_opt = self.options["optimizer"]
+        base = parse(opt.hparams, raw_opt, "checkpoint.optimizer")
+        check = Check("checkpoint.optimizer")
+        opt.check(base, check)
+        check.done()
+        self.options["optimizer"] = {"name": opt.name, **to_json(base)}
+        session = parse(
+            SESSION_OPTIONS, {p.name: self.options[p.name] for p in SESSION_OPTIONS}, "checkpoint"
+        )
+        if session["steps_per_epoch"] < 1 or any(
+            session[k] is not None and session[k] <= 0 for k in ("clip_grad_norm", "clip_grad_value")
+        ):
+            raise bad("options", "steps_per_epoch must be >= 1 and clip_grad_norm/clip_grad_value > 0")
+        self.options.update(session)
+        if self.options.get("scheduler") is not None:
+            self.options["scheduler"] = filled_spec(self.options["scheduler"], "checkpoint.scheduler")
+        members = [name for names in self.group_params for name in names]
+        if sorted(members) != sorted(self.params) or len(self.groups) != len(self.group_params):
+            raise bad("group_params", "the groups must hold every parameter exactly once")
+        expected = {f"params/{name}" for name in self.params}
+        for i, (names, hp) in enumerate(zip(self.group_params, self.groups, strict=True)):
+            declared = {p.name: hp[p.name] for p in opt.hparams if p.name in hp}
+            typed = parse(opt.hparams, declared, f"checkpoint.groups[{i}]", defaults=base)
+            check = Check(f"checkpoint.groups[{i}]")
+            opt.check(typed, check)
+            check.done()
+            hp.update(typed)
+            for name in names:
+                param = self.params[name]
+                why = opt.check_param(name, param.shape) if param.dtype in PARAM_DTYPES else "not float32/64"
+                if why:
+                    raise bad(f"params.{name}", why)
+                want, have = opt.init_state(param, hp), self.states.get(name, {})
+                if have.keys() != want.keys() or any(
+                    have[k].shape != v.shape or have[k].dtype != v.dtype for k, v in want.items()
+                ):
+                    raise bad(f"state.{name}", f"is not {opt.name}'s state for this parameter")
+                expected.update(f"state/{name}/{slot}" for slot in want)
+        stray = sorted(set(tensors) - expected)
+        if stray:
+            raise bad("tensors", f"unexpected tensors: {', '.join(stray[:5])}")
+        if not 0 <= self.step_count < 2**63 or not all(math.isfinite(x) for x in self.losses):
+            raise bad("step", "the step must be a non-negative 64-bit integer and the losses finite")
+        if self.scheduler is not None:
+            probe, groups = copy.deepcopy(self.scheduler), copy.deepcopy(self.groups)
+            probe.bind(groups)
+            probe.step(0.0)
+        orjson.dumps([self.describe(), self.snapshot()[1]])  # what the session will answer and store
 
 
 def preview_schedule(

@@ -1,0 +1,54 @@
+"""optserve's Python SDK: `Client`/`AsyncClient` speak the v1 HTTP API; `optserve.torch.RemoteOptimizer` (with
+the `torch` extra) makes a server session a `torch.optim.Optimizer`."""
+
+from optserve._client import AsyncClient, AsyncSession, Client, Session
+from optserve._policy import RetryPolicy, Timeout
+from optserve._version import __version__
+from optserve.errors import (
+    APIError,
+    BadRequest,
+    FieldError,
+    NotFound,
+    OptserveError,
+    PayloadTooLarge,
+    ServerError,
+    ServiceUnavailable,
+    StepConflict,
+    TooManyRequests,
+    TransportError,
+    Unauthorized,
+    UnexpectedResponse,
+    UnsupportedMediaType,
+    ValidationError,
+)
+from optserve.models import HistoryRecord, ParamInfo, SessionInfo, SessionSummary, StepResult
+
+__all__ = [
+    "APIError",
+    "AsyncClient",
+    "AsyncSession",
+    "BadRequest",
+    "Client",
+    "FieldError",
+    "HistoryRecord",
+    "NotFound",
+    "OptserveError",
+    "ParamInfo",
+    "PayloadTooLarge",
+    "RetryPolicy",
+    "ServerError",
+    "ServiceUnavailable",
+    "Session",
+    "SessionInfo",
+    "SessionSummary",
+    "StepConflict",
+    "StepResult",
+    "Timeout",
+    "TooManyRequests",
+    "TransportError",
+    "Unauthorized",
+    "UnexpectedResponse",
+    "UnsupportedMediaType",
+    "ValidationError",
+    "__version__",
+]
