@@ -193,13 +193,15 @@ class SessionService:
             )
         try:
             saved = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise SpecError.one("checkpoint", f"metadata {CHECKPOINT_KEY!r} is not JSON") from None
         if not isinstance(saved, dict) or not isinstance(saved.get("engine"), dict):
             raise SpecError.one("checkpoint", "metadata does not describe a session")
         engine = Engine.restore(tensors, saved["engine"])
         user_meta = saved.get("metadata") or {}
-        return await self._insert(tenant, engine, {str(k): str(v) for k, v in user_meta.items()})
+        if not isinstance(user_meta, dict) or not all(isinstance(v, str) for v in user_meta.values()):
+            raise SpecError.one("checkpoint", "metadata `metadata` must be an object of string -> string")
+        return await self._insert(tenant, engine, user_meta)
 
     async def _insert(self, tenant: str, engine: Engine, metadata: Mapping[str, str]) -> SessionInfo:
         now = self.clock()

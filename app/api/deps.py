@@ -10,6 +10,7 @@ from fastapi import Depends, Header, Request
 
 from app.api.errors import ApiError
 from app.sessions import SessionService
+from app.wire.negotiate import JSON, NotAcceptable, response_format
 
 OPEN_TENANT = ""
 
@@ -58,6 +59,13 @@ async def read_body(request: Request) -> bytearray:
     return chunks
 
 
+def json_only(request: Request) -> None:
+    """406 unless `Accept` admits JSON: for the operations that answer only in JSON."""
+    if response_format(request.headers.get("accept"), "json") != "json":
+        raise NotAcceptable(f"this operation answers only in {JSON}")
+
+
 Service = Annotated[SessionService, Depends(get_service)]
 Tenant = Annotated[str, Depends(get_tenant)]
 Body = Annotated[bytearray, Depends(read_body)]
+JsonAnswer = Depends(json_only)

@@ -98,7 +98,11 @@ COMPONENTS: dict[str, Any] = {
         "properties": {
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
             "dtype": {"type": "string", "enum": ["float32", "float64"]},
-            "data": {"type": "array", "items": {"type": "number"}},
+            "data": {
+                "type": "array",
+                "items": {"type": ["number", "null"]},
+                "description": "row-major; NaN and Infinity (a diverged run) are null, as JSON has neither",
+            },
         },
     },
     "TensorInfo": {
@@ -350,8 +354,8 @@ CREATE_RESPONSE = _answer(
     "created (or restored)",
     {"Location": {"required": True, "schema": {"type": "string"}, "description": "the new session"}},
 ) | problems(*_V1, *_BODY, 406, 503)
-LIST_RESPONSE = _answer(200, "SessionList", None) | problems(*_V1, 503)
-SESSION_RESPONSE = _answer(200, "Session", None) | problems(*_SESSION)
+LIST_RESPONSE = _answer(200, "SessionList", None) | problems(*_V1, 406, 503)
+SESSION_RESPONSE = _answer(200, "Session", None) | problems(*_SESSION, 406)
 DELETE_RESPONSE = problems(*_SESSION)
 STEP_RESPONSE = _answer(
     200,
@@ -360,14 +364,14 @@ STEP_RESPONSE = _answer(
     headers={"Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}}},
 ) | problems(*_SESSION, *_BODY, 406, 409)
 PARAMS_RESPONSE = _answer(200, "Params", "the parameters; metadata step") | problems(*_SESSION, 406)
-PUT_PARAMS_RESPONSE = _answer(200, "Session", None) | problems(*_SESSION, *_BODY)
+PUT_PARAMS_RESPONSE = _answer(200, "Session", None) | problems(*_SESSION, *_BODY, 406)
 CHECKPOINT_RESPONSE = _answer(
     200, None, "parameters, state tensors; metadata: spec, step, scheduler state"
 ) | problems(*_SESSION, 406)
-HISTORY_RESPONSE = _answer(200, "History", None) | problems(*_SESSION)
-OPTIMIZERS_RESPONSE = _answer(200, "Optimizers", None) | problems(*_V1)
-SCHEDULERS_RESPONSE = _answer(200, "Schedulers", None) | problems(*_V1)
-PREVIEW_RESPONSE = _answer(200, "PreviewResult", None) | problems(*_V1, 400)  # 400: not UTF-8
+HISTORY_RESPONSE = _answer(200, "History", None) | problems(*_SESSION, 406)
+OPTIMIZERS_RESPONSE = _answer(200, "Optimizers", None) | problems(*_V1, 406)
+SCHEDULERS_RESPONSE = _answer(200, "Schedulers", None) | problems(*_V1, 406)
+PREVIEW_RESPONSE = _answer(200, "PreviewResult", None) | problems(*_V1, 400, 406, 413)  # 400: not JSON
 HEALTH_RESPONSE = _answer(200, "Status", None)
 READY_RESPONSE = _answer(200, "Status", None) | problems(503)
 METRICS_RESPONSE: dict[int | str, Any] = {

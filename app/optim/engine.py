@@ -249,9 +249,10 @@ class Engine:
                 "loss", f"must be a finite number, got {loss!r} (session option nonfinite='error')"
             )
         cast: dict[str, Array] = {}
-        for name, g in grads.items():
-            dtype = self.params[name].dtype
-            cast[name] = g if g.dtype == dtype else g.astype(dtype)
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: the policy decides
+            for name, g in grads.items():
+                dtype = self.params[name].dtype
+                cast[name] = g if g.dtype == dtype else g.astype(dtype)
         finite = all(np.isfinite(g).all() for g in cast.values())
         if not finite:
             if self.options["nonfinite"] == "skip":
@@ -268,7 +269,8 @@ class Engine:
                 )
         names = list(cast)
         values = list(cast.values())
-        grad_norm = clip.total_norm(values)
+        with np.errstate(over="ignore"):  # a norm beyond the dtype's range is inf, as torch reports it
+            grad_norm = clip.total_norm(values)
         if self.options["clip_grad_value"] is not None:
             values = clip.clip_by_value(values, self.options["clip_grad_value"])
         if self.options["clip_grad_norm"] is not None:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import Response
 
 from app.api import bodies
-from app.api.deps import Body, Service, Tenant
+from app.api.deps import Body, JsonAnswer, Service, Tenant
 from app.api.openapi import (
     CHECKPOINT_RESPONSE,
     CREATE_BODY,
@@ -40,11 +40,12 @@ def _created(info: Any) -> Response:
     return bodies.json_response(info.to_json(), 201, {"Location": f"/v1/sessions/{info.meta.id}"})
 
 
-@router.post("", status_code=201, openapi_extra=CREATE_BODY, responses=CREATE_RESPONSE)
+@router.post(
+    "", status_code=201, openapi_extra=CREATE_BODY, responses=CREATE_RESPONSE, dependencies=[JsonAnswer]
+)
 async def create_session(request: Request, service: Service, tenant: Tenant, body: Body) -> Response:
     """Create a session from a JSON spec, or restore one from a checkpoint (safetensors body)."""
     fmt = request_format(request.headers.get("content-type"))
-    response_format(request.headers.get("accept"), "json")
     if fmt == "safetensors":
         tensors, metadata = safetensors.decode(body, PARAM_DTYPES)
         return _created(await service.restore(tenant, tensors, metadata))
@@ -52,13 +53,13 @@ async def create_session(request: Request, service: Service, tenant: Tenant, bod
     return _created(await service.create(tenant, options, params, metadata))
 
 
-@router.get("", responses=LIST_RESPONSE)
+@router.get("", responses=LIST_RESPONSE, dependencies=[JsonAnswer])
 async def list_sessions(service: Service, tenant: Tenant) -> Response:
     """The caller's sessions: id, step, lr, created_at, updated_at, metadata."""
     return bodies.json_response({"sessions": await service.list_sessions(tenant)})
 
 
-@router.get("/{session_id}", responses=SESSION_RESPONSE)
+@router.get("/{session_id}", responses=SESSION_RESPONSE, dependencies=[JsonAnswer])
 async def get_session(session_id: str, service: Service, tenant: Tenant) -> Response:
     """The session with every default filled in."""
     return bodies.json_response((await service.get(tenant, session_id)).to_json())
@@ -99,7 +100,12 @@ async def get_params(session_id: str, request: Request, service: Service, tenant
     return response
 
 
-@router.put("/{session_id}/params", openapi_extra=PARAMS_BODY, responses=PUT_PARAMS_RESPONSE)
+@router.put(
+    "/{session_id}/params",
+    openapi_extra=PARAMS_BODY,
+    responses=PUT_PARAMS_RESPONSE,
+    dependencies=[JsonAnswer],
+)
 async def put_params(
     session_id: str, request: Request, service: Service, tenant: Tenant, body: Body
 ) -> Response:
@@ -118,7 +124,7 @@ async def checkpoint(session_id: str, request: Request, service: Service, tenant
     return response
 
 
-@router.get("/{session_id}/history", responses=HISTORY_RESPONSE)
+@router.get("/{session_id}/history", responses=HISTORY_RESPONSE, dependencies=[JsonAnswer])
 async def history(
     session_id: str,
     service: Service,
