@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -46,8 +47,25 @@ def open_store(settings: Settings) -> Store:
     raise ValueError(f"unsupported store URL {url!r}; use memory://, sqlite:///path or redis://host:port/db")
 
 
+def keep_freed_memory_for_reuse() -> None:
+    """Tells glibc's malloc to serve large blocks from the heap and keep freed ones mapped.
+
+    A step allocates and frees buffers as large as the model (the body, the answer, temporaries); by
+    default glibc maps each one fresh and unmaps it on free, so every step pays a page fault per 4 KiB
+    touched: 10 ms of a 40 MB step. Reused heap memory costs none; the process keeps its peak size.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    keep_freed_memory_for_reuse()
     store = open_store(settings)
     service = SessionService(store, ttl=settings.session_ttl, cache_bytes=settings.cache_bytes)
     metrics = Metrics()

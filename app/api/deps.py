@@ -45,18 +45,41 @@ def get_tenant(request: Request, authorization: Annotated[str | None, Header()] 
     return tenant_of(match.decode())
 
 
-async def read_body(request: Request) -> bytearray:
-    """The request body, refused with 413 as soon as it is known to exceed the limit."""
+async def read_body(request: Request) -> bytes | bytearray:
+    """The request body, refused with 413 as soon as it is known to exceed the limit.
+
+    With a Content-Length the body is received straight into one buffer of that size (no regrowth);
+    a body that arrives in a single message is used as it is, without any copy.
+    """
     limit: int = request.app.state.settings.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "Body too large", f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks = bytearray()
+    expected = int(declared) if declared is not None and declared.isdigit() else None
+    if expected is not None and expected > limit:
+        raise ApiError(413, "Body too large", f"body of {expected} bytes exceeds the limit of {limit} bytes")
+    first = b""
+    buffer: bytearray | None = None
+    size = 0
     async for chunk in request.stream():
-        chunks += chunk
-        if len(chunks) > limit:
+        if not chunk:
+            continue
+        if not first and buffer is None:
+            first = chunk
+            size = len(chunk)
+        else:
+            if buffer is None:
+                buffer = bytearray(max(expected or 0, size + len(chunk)))
+                buffer[:size] = first
+            end = size + len(chunk)
+            if end > len(buffer):
+                buffer.extend(bytes(end - len(buffer)))
+            buffer[size:end] = chunk
+            size = end
+        if size > limit:
             raise ApiError(413, "Body too large", f"body exceeds the limit of {limit} bytes")
-    return chunks
+    if buffer is None:
+        return first
+    del buffer[size:]
+    return buffer
 
 
 def json_only(request: Request) -> None:
@@ -67,5 +90,5 @@ def json_only(request: Request) -> None:
 
 Service = Annotated[SessionService, Depends(get_service)]
 Tenant = Annotated[str, Depends(get_tenant)]
-Body = Annotated[bytearray, Depends(read_body)]
+Body = Annotated[bytes | bytearray, Depends(read_body)]
 JsonAnswer = Depends(json_only)
