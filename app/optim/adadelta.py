@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from app.optim.base import HP, LR, MAXIMIZE, Array, Optimizer, State, new_step, weight_decay
+from app.optim.floats import addcmul, fma
 from app.optim.hparams import Check, HParam
 
 
@@ -41,16 +42,16 @@ class Adadelta(Optimizer):
             state["step"] += 1
             g = -grad if hp["maximize"] else grad
             if wd != 0:
-                g = g + wd * param
+                g = fma(param, wd, g)  # grad.add(param, alpha=weight_decay)
             square_avg, acc_delta = state["square_avg"], state["acc_delta"]
+            # square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
             square_avg *= rho
-            square_avg += (1 - rho) * g * g
-            std = np.add(square_avg, eps)
-            np.sqrt(std, out=std)
-            delta = np.add(acc_delta, eps)
-            np.sqrt(delta, out=delta)
+            addcmul(square_avg, g, g, 1 - rho, out=square_avg)
+            std = np.sqrt(square_avg + eps)
+            delta = np.sqrt(acc_delta + eps)
             delta /= std
             delta *= g
+            # acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
             acc_delta *= rho
-            acc_delta += (1 - rho) * delta * delta
-            param -= lr * delta
+            addcmul(acc_delta, delta, delta, 1 - rho, out=acc_delta)
+            fma(delta, -lr, param, out=param)  # param.add_(delta, alpha=-lr)

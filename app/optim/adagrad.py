@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from app.optim.base import HP, LR, MAXIMIZE, Array, Optimizer, State, new_step, weight_decay
+from app.optim.floats import addcdiv, addcmul, fma
 from app.optim.hparams import Check, HParam
 
 
@@ -48,14 +49,10 @@ class Adagrad(Optimizer):
             step = float(state["step"])
             g = -grad if hp["maximize"] else grad
             if wd != 0:
-                g = g + wd * param
+                g = fma(param, wd, g)  # grad.add(param, alpha=weight_decay)
             clr = lr / (1 + (step - 1) * lr_decay)
             state_sum = state["sum"]
-            std = np.multiply(g, g)
-            state_sum += std
-            np.sqrt(state_sum, out=std)
+            addcmul(state_sum, g, g, out=state_sum)  # state_sum.addcmul_(grad, grad, value=1)
+            std = np.sqrt(state_sum)
             std += eps
-            # torch's addcdiv_ scales the numerator before dividing: param + (-clr * g) / std
-            scaled = np.multiply(g, -clr)
-            scaled /= std
-            param += scaled
+            addcdiv(param, g, std, -clr, out=param)  # param.addcdiv_(grad, std, value=-clr)

@@ -11,6 +11,7 @@ import numpy as np
 
 from app.optim import fused
 from app.optim.base import HP, LR, MAXIMIZE, Array, Optimizer, State, new_step, weight_decay
+from app.optim.floats import addcdiv, addcmul, fma, lerp
 from app.optim.hparams import Check, HParam
 
 BETAS = HParam(
@@ -44,29 +45,20 @@ def _moment_state(param: Array) -> State:
     return {"step": new_step(), "exp_avg": np.zeros_like(param), "exp_avg_sq": np.zeros_like(param)}
 
 
-def _scratch(param: Array, n: int) -> list[Array]:
-    """Work arrays shaped like `param`: each step's arithmetic then runs in place, allocating nothing else."""
-    return [np.empty_like(param) for _ in range(n)]
-
-
-def _begin_step(
-    param: Array, grad: Array, state: State, hp: HP, decoupled: bool, g_buf: Array, tmp: Array
-) -> tuple[float, Array]:
+def _begin_step(param: Array, grad: Array, state: State, hp: HP, decoupled: bool) -> tuple[float, Array]:
     """Bumps `step` and returns it with the gradient torch steps on.
 
     The gradient is negated when maximizing and gets `weight_decay * param` added (coupled decay); decoupled
-    decay shrinks the parameter instead. `grad` itself is never written: the result is `grad` or `g_buf`.
+    decay shrinks the parameter instead. `grad` itself is never written: the result is `grad` or a new array.
     """
     state["step"] += 1
-    g = np.negative(grad, out=g_buf) if hp["maximize"] else grad
+    g = -grad if hp["maximize"] else grad
     wd = hp["weight_decay"]
     if wd != 0:
         if decoupled:
             param *= 1 - hp["lr"] * wd
         else:
-            # grad.add(param, alpha=wd)
-            np.multiply(param, wd, out=tmp)
-            g = np.add(g, tmp, out=g_buf)
+            g = fma(param, wd, g)  # grad.add(param, alpha=weight_decay)
     return float(state["step"]), g
 
 
@@ -80,37 +72,11 @@ def _adam_scalars(lr: float, beta1: float, beta2: float, step: float) -> tuple[f
     return lr / _bias_correction(beta1, step), _bias_correction(beta2, step) ** 0.5
 
 
-def _lerp_(start: Array, end: Array, weight: float, tmp: Array) -> None:
-    """torch's `start.lerp_(end, weight)`, whose formula depends on the weight (taken in the array dtype)."""
-    w = start.dtype.type(weight)
-    diff = np.subtract(end, start, out=tmp)
-    if abs(w) < 0.5:
-        diff *= w
-        start += diff
-    else:
-        diff *= 1 - w
-        np.subtract(end, diff, out=start)
-
-
-def _addcmul_(out: Array, t1: Array, t2: Array, value: float, tmp: Array) -> None:
-    """torch's `out.addcmul_(t1, t2, value=value)`: out + (value * t1) * t2."""
-    np.multiply(t1, value, out=tmp)
-    tmp *= t2
-    out += tmp
-
-
-def _addcdiv_(out: Array, t1: Array, t2: Array, value: float, tmp: Array) -> None:
-    """torch's `out.addcdiv_(t1, t2, value=value)`: out + (value * t1) / t2."""
-    np.multiply(t1, value, out=tmp)
-    tmp /= t2
-    out += tmp
-
-
-def _update_moments(state: State, g: Array, beta1: float, beta2: float, tmp: Array) -> None:
+def _update_moments(state: State, g: Array, beta1: float, beta2: float) -> None:
     """exp_avg.lerp_(g, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)."""
-    _lerp_(state["exp_avg"], g, 1 - beta1, tmp)
+    lerp(state["exp_avg"], g, 1 - beta1, out=state["exp_avg"])
     state["exp_avg_sq"] *= beta2
-    _addcmul_(state["exp_avg_sq"], g, g, 1 - beta2, tmp)
+    addcmul(state["exp_avg_sq"], g, g, 1 - beta2, out=state["exp_avg_sq"])
 
 
 class Adam(Optimizer):
@@ -167,18 +133,16 @@ class Adam(Optimizer):
         beta1, beta2 = hp["betas"]
         decoupled = self.decoupled(hp)
         for param, grad, state in zip(params, grads, states, strict=True):
-            a, b = _scratch(param, 2)
-            step, g = _begin_step(param, grad, state, hp, decoupled, a, b)
-            _update_moments(state, g, beta1, beta2, b)
+            step, g = _begin_step(param, grad, state, hp, decoupled)
+            _update_moments(state, g, beta1, beta2)
             step_size, bias_correction2_sqrt = _adam_scalars(lr, beta1, beta2, step)
             second = state["exp_avg_sq"]
             if hp["amsgrad"]:
                 second = np.maximum(state["max_exp_avg_sq"], second, out=state["max_exp_avg_sq"])
-            denom = np.sqrt(second, out=b)
+            denom = np.sqrt(second)
             denom /= bias_correction2_sqrt
             denom += eps
-            # `g` (possibly in `a`) is spent, so `a` is free again
-            _addcdiv_(param, state["exp_avg"], denom, -step_size, a)
+            addcdiv(param, state["exp_avg"], denom, -step_size, out=param)
 
 
 class AdamW(Adam):
@@ -212,19 +176,17 @@ class NAdam(Optimizer):
         lr, eps, momentum_decay = hp["lr"], hp["eps"], hp["momentum_decay"]
         beta1, beta2 = hp["betas"]
         for param, grad, state in zip(params, grads, states, strict=True):
-            a, b, c = _scratch(param, 3)
-            step, g = _begin_step(param, grad, state, hp, hp["decoupled_weight_decay"], a, b)
+            step, g = _begin_step(param, grad, state, hp, hp["decoupled_weight_decay"])
             mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
             mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
             state["mu_product"] *= mu
             mu_product = float(state["mu_product"])
             mu_product_next = mu_product * mu_next
-            _update_moments(state, g, beta1, beta2, b)
-            denom = np.divide(state["exp_avg_sq"], _bias_correction(beta2, step), out=b)
-            np.sqrt(denom, out=denom)
+            _update_moments(state, g, beta1, beta2)
+            denom = np.sqrt(state["exp_avg_sq"] / _bias_correction(beta2, step))
             denom += eps
-            _addcdiv_(param, g, denom, -lr * (1.0 - mu) / (1.0 - mu_product), c)
-            _addcdiv_(param, state["exp_avg"], denom, (-lr * mu_next) / (1.0 - mu_product_next), c)
+            addcdiv(param, g, denom, -lr * (1.0 - mu) / (1.0 - mu_product), out=param)
+            addcdiv(param, state["exp_avg"], denom, (-lr * mu_next) / (1.0 - mu_product_next), out=param)
 
 
 class RAdam(Optimizer):
@@ -245,25 +207,24 @@ class RAdam(Optimizer):
         beta1, beta2 = hp["betas"]
         rho_inf = 2 / (1 - beta2) - 1
         for param, grad, state in zip(params, grads, states, strict=True):
-            a, b = _scratch(param, 2)
-            step, g = _begin_step(param, grad, state, hp, hp["decoupled_weight_decay"], a, b)
-            _update_moments(state, g, beta1, beta2, b)
+            step, g = _begin_step(param, grad, state, hp, hp["decoupled_weight_decay"])
+            _update_moments(state, g, beta1, beta2)
             bias_correction2 = _bias_correction(beta2, step)
             # bias_corrected_exp_avg * lr [* adaptive_lr * rect], multiplied left to right as torch does
-            update = np.divide(state["exp_avg"], _bias_correction(beta1, step), out=a)
+            update = np.divide(state["exp_avg"], _bias_correction(beta1, step))
             update *= lr
             rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
             if rho_t > 5.0:
-                adaptive_lr = np.sqrt(state["exp_avg_sq"], out=b)
-                adaptive_lr += eps
+                exp_avg_sq_sqrt = np.sqrt(state["exp_avg_sq"])
+                exp_avg_sq_sqrt += eps
                 # torch evaluates `float / tensor` as tensor.reciprocal() * float
-                np.reciprocal(adaptive_lr, out=adaptive_lr)
+                adaptive_lr = np.reciprocal(exp_avg_sq_sqrt)
                 adaptive_lr *= bias_correction2**0.5
                 update *= adaptive_lr
                 update *= (
                     (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
                 ) ** 0.5
-            param -= update
+            param -= update  # param.add_(update, alpha=-1.0): one rounding either way
 
 
 class Adamax(Optimizer):
@@ -283,13 +244,12 @@ class Adamax(Optimizer):
         lr, eps = hp["lr"], hp["eps"]
         beta1, beta2 = hp["betas"]
         for param, grad, state in zip(params, grads, states, strict=True):
-            a, b = _scratch(param, 2)
-            step, g = _begin_step(param, grad, state, hp, False, a, b)
-            _lerp_(state["exp_avg"], g, 1 - beta1, b)
+            step, g = _begin_step(param, grad, state, hp, False)
+            lerp(state["exp_avg"], g, 1 - beta1, out=state["exp_avg"])
             exp_inf = state["exp_inf"]
             exp_inf *= beta2
-            norm = np.abs(g, out=b)
+            norm = np.abs(g)
             norm += eps
             np.maximum(exp_inf, norm, out=exp_inf)
             clr = lr / _bias_correction(beta1, step)
-            _addcdiv_(param, state["exp_avg"], exp_inf, -clr, a)
+            addcdiv(param, state["exp_avg"], exp_inf, -clr, out=param)

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from app.optim.base import HP, LR, MAXIMIZE, Array, Optimizer, State, new_step, weight_decay
+from app.optim.floats import fma
 from app.optim.hparams import Check, HParam
 
 # torch keeps `eta` and `mu` as 0-d tensors of its default scalar dtype, float32 whatever the parameter's
@@ -53,10 +54,10 @@ class ASGD(Optimizer):
             g = -grad if hp["maximize"] else grad
             state["step"] += 1
             if wd != 0:
-                g = g + wd * param
+                g = fma(param, wd, g)  # grad.add(param, alpha=weight_decay)
             eta = float(state["eta"])
             param *= 1 - lambd * eta
-            param -= eta * g
+            fma(g, -eta, param, out=param)  # param.add_(grad, alpha=-eta)
             ax, mu = state["ax"], float(state["mu"])
             if mu != 1:
                 diff = np.subtract(param, ax)

@@ -1,4 +1,4 @@
-"""torch's CPU float arithmetic, reproduced in numpy: fused multiply-add, lerp, its norm and sum orders.
+"""torch's CPU float arithmetic, reproduced in numpy: fused multiply-add, lerp, addcmul, norm and sum orders.
 
 Where torch's kernels round once (FMA) or sum in a fixed vector order, these helpers do the same, so
 optimizers built on them match torch to the last bit in float32 where numpy alone would not.
@@ -18,32 +18,66 @@ VECTOR_BYTES = 32
 
 
 def fma(a: Array, b: Any, c: Array, out: Array | None = None) -> Array:
-    """`a * b + c` in c's dtype with one rounding, as torch's CPU kernels fuse it (lerp, add with alpha).
+    """`a * b + c` in c's dtype with one rounding, as torch's CPU kernels fuse it: `c.add(a, alpha=b)`.
 
-    float32: the float64 product of two float32 values is exact, so rounding the float64 sum once to
-    float32 gives the fused result. float64: numpy has no fused multiply-add; two roundings stay within
-    one ulp of torch, far inside the float64 contract.
+    float32: the float64 product of two float32 values is exact, so rounding the float64 sum to float32
+    gives the fused result (bar a float64 sum that lands exactly halfway between two float32, about one in
+    2**29, where it can be an ulp off). float64: numpy has no fused multiply-add; two roundings stay within
+    one ulp of torch, far inside the float64 contract. `out` may be `c` (or `a`) for an in-place update.
     """
+    return _fma(a, b, c, out, a_is_scratch=False)
+
+
+def _fma(a: Array, b: Any, c: Array, out: Array | None, a_is_scratch: bool) -> Array:
+    """fma; with `a_is_scratch` (a temporary of the caller's) float64 may overwrite `a` with the product."""
     if out is None:
         out = np.empty_like(c)
     scale = c.dtype.type(b) if np.ndim(b) == 0 else b  # torch casts a scalar alpha to the tensor's dtype
     if c.dtype == np.float32:
-        wide = a.astype(np.float64)
-        wide *= scale
+        wide = np.multiply(a, scale, dtype=np.float64)
         wide += c
         np.copyto(out, wide, casting="same_kind")
+        return out
+    # float64: the product is rounded into an array that c is not read from, allocating one only if need be
+    if a_is_scratch and isinstance(a, np.ndarray) and a.shape == out.shape and a.dtype == out.dtype:
+        product = np.multiply(a, scale, out=a)
+    elif not np.may_share_memory(out, c):
+        product = np.multiply(a, scale, out=out)
     else:
-        np.add(np.multiply(a, scale, dtype=c.dtype), c, out=out)
+        product = np.multiply(a, scale, dtype=c.dtype)
+    np.add(product, c, out=out)
     return out
 
 
 def lerp(start: Array, end: Array, weight: float, out: Array | None = None) -> Array:
-    """torch.lerp: fused `start + w*(end - start)` when |w| < 0.5, else `end + (w - 1)*(end - start)`."""
+    """torch.lerp: fused `start + w*(end - start)` when |w| < 0.5, else `end + (w - 1)*(end - start)`.
+
+    The weight is taken in start's dtype, as torch does; `out=start` is `start.lerp_(end, weight)`.
+    """
     w = start.dtype.type(weight)
     diff = end - start
     if abs(w) < 0.5:
-        return fma(diff, w, start, out)
-    return fma(diff, w - 1, end, out)
+        return _fma(diff, w, start, out, a_is_scratch=True)
+    return _fma(diff, w - 1, end, out, a_is_scratch=True)
+
+
+def addcmul(start: Array, t1: Array, t2: Array, value: float = 1.0, out: Array | None = None) -> Array:
+    """torch's `start.addcmul(t1, t2, value=value)`: `value * t1` rounded, then `* t2 + start` fused.
+
+    `out=start` is `start.addcmul_(t1, t2, value=value)`.
+    """
+    return _fma(np.multiply(t1, start.dtype.type(value)), t2, start, out, a_is_scratch=True)
+
+
+def addcdiv(start: Array, t1: Array, t2: Array, value: float = 1.0, out: Array | None = None) -> Array:
+    """torch's `start.addcdiv(t1, t2, value=value)`: `start + (value * t1) / t2`, each operation rounded.
+
+    Unlike addcmul, torch's CPU kernel does not fuse it. `out=start` is the in-place `addcdiv_`.
+    """
+    quotient = np.multiply(t1, start.dtype.type(value))
+    quotient /= t2
+    result: Array = np.add(start, quotient, out=out)
+    return result
 
 
 def vector_norm(x: Array, chunk: int = 0) -> Array:

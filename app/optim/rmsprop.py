@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from app.optim.base import HP, LR, MAXIMIZE, Array, Optimizer, State, new_step, weight_decay
+from app.optim.floats import addcdiv, addcmul, fma, lerp
 from app.optim.hparams import Check, HParam
 
 
@@ -49,16 +50,16 @@ class RMSprop(Optimizer):
             state["step"] += 1
             g = -grad if hp["maximize"] else grad
             if wd != 0:
-                g = g + wd * param
+                g = fma(param, wd, g)  # grad.add(param, alpha=weight_decay)
             square_avg = state["square_avg"]
+            # square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
             square_avg *= alpha
-            square_avg += (1 - alpha) * g * g
+            addcmul(square_avg, g, g, 1 - alpha, out=square_avg)
             if hp["centered"]:
                 grad_avg = state["grad_avg"]
-                _lerp(grad_avg, g, param.dtype.type(1 - alpha))
-                avg = np.multiply(grad_avg, grad_avg)
-                np.subtract(square_avg, avg, out=avg)
-                np.sqrt(avg, out=avg)
+                lerp(grad_avg, g, 1 - alpha, out=grad_avg)
+                # square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+                avg = np.sqrt(addcmul(square_avg, grad_avg, grad_avg, -1))
             else:
                 avg = np.sqrt(square_avg)
             avg += eps
@@ -68,23 +69,7 @@ class RMSprop(Optimizer):
                     state["momentum_buffer"] = np.zeros_like(param)
                 buf = state["momentum_buffer"]
                 buf *= momentum
-                np.divide(g, avg, out=avg)
-                buf += avg
-                param -= lr * buf
+                addcdiv(buf, g, avg, out=buf)  # buf.mul_(momentum).addcdiv_(grad, avg)
+                fma(buf, -lr, param, out=param)  # param.add_(buf, alpha=-lr)
             else:
-                # torch's addcdiv_ scales the numerator before dividing: param + (-lr * g) / avg
-                scaled = np.multiply(g, -lr)
-                scaled /= avg
-                param += scaled
-
-
-def _lerp(start: Array, end: Array, weight: np.floating) -> None:
-    """torch's `start.lerp_(end, weight)`: which formula runs depends on the weight, as in ATen."""
-    diff = np.subtract(end, start)
-    if abs(weight) < 0.5:
-        diff *= weight
-        start += diff
-    else:
-        # the weight is subtracted from 1 in the parameter's precision, as ATen does
-        diff *= 1 - weight
-        np.subtract(end, diff, out=start)
+                addcdiv(param, g, avg, -lr, out=param)

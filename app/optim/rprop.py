@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from app.optim.base import HP, LR, MAXIMIZE, Array, Optimizer, State, new_step
+from app.optim.floats import addcmul
 from app.optim.hparams import Check, HParam
 
 
@@ -44,8 +45,8 @@ class Rprop(Optimizer):
                 step_size.fill(hp["lr"])
             state["step"] += 1
             g = -grad if hp["maximize"] else grad
-            factor = np.multiply(g, prev)
-            np.sign(factor, out=factor)
+            # sign = grad.mul(prev).sign(), its entries then replaced by the factors (an array even when 0-d)
+            factor = np.sign(np.multiply(g, prev), out=np.empty_like(prev))
             factor[factor > 0] = etaplus
             factor[factor < 0] = etaminus
             factor[factor == 0] = 1
@@ -55,4 +56,5 @@ class Rprop(Optimizer):
             # torch finds those coordinates by comparing with etaminus in the parameter's precision
             np.copyto(prev, g)
             prev[factor == etaminus] = 0
-            param -= np.sign(prev) * step_size
+            # param.addcmul_(grad.sign(), step_size, value=-1): the product is exact, one rounding either way
+            addcmul(param, np.sign(prev), step_size, -1, out=param)

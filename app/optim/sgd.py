@@ -8,6 +8,7 @@ import numpy as np
 
 from app.optim import fused
 from app.optim.base import HP, LR, MAXIMIZE, Array, Optimizer, State, new_step, weight_decay
+from app.optim.floats import fma
 from app.optim.hparams import Check, HParam
 
 
@@ -67,23 +68,24 @@ class SGD(Optimizer):
     def _update_reference(
         self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
     ) -> None:
-        """The definition: torch's single-tensor SGD in numpy."""
+        """The definition: torch's single-tensor SGD in numpy, its fused adds (`alpha=`) rounded once."""
         lr, momentum, dampening, wd = hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"]
         for param, grad, state in zip(params, grads, states, strict=True):
             state["step"] += 1
             d_p = -grad if hp["maximize"] else grad
             if wd != 0:
-                d_p = d_p + wd * param
+                d_p = fma(param, wd, d_p)  # grad.add(param, alpha=weight_decay)
             buf = _momentum_buffer(param, state, hp)
             if buf is not None:
                 if state["step"] == 1:
                     # torch creates the buffer as a copy of the first gradient
                     np.copyto(buf, d_p)
                 else:
+                    # buf.mul_(momentum).add_(grad, alpha=1 - dampening)
                     buf *= momentum
-                    buf += (1 - dampening) * d_p
-                d_p = d_p + momentum * buf if hp["nesterov"] else buf
-            param -= lr * d_p
+                    fma(d_p, 1 - dampening, buf, out=buf)
+                d_p = fma(buf, momentum, d_p) if hp["nesterov"] else buf  # grad.add(buf, alpha=momentum)
+            fma(d_p, -lr, param, out=param)  # param.add_(grad, alpha=-lr)
 
 
 def _momentum_buffer(param: Array, state: State, hp: HP) -> Array | None:
