@@ -15,8 +15,8 @@ from fastapi.openapi.utils import get_openapi
 
 from app import __version__
 from app.api import errors
-from app.api.openapi import COMPONENTS
-from app.api.routes import catalogue, health, sessions
+from app.api.openapi import COMPONENTS, STEP_OPERATION
+from app.api.routes import catalogue, health, sessions, step
 from app.metrics import Metrics, MetricsMiddleware
 from app.optim import fused
 from app.sessions import SessionService
@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.api_keys = keys
     errors.install(app)
+    app.router.routes.append(step.route)
     for router in (sessions.router, catalogue.router, health.router):
         app.include_router(router)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -122,6 +123,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         schema.setdefault("components", {}).setdefault("schemas", {}).update(COMPONENTS)
+        schema["paths"].setdefault(step.PATH, {})["post"] = STEP_OPERATION
         app.openapi_schema = schema
     return app.openapi_schema
 

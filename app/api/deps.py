@@ -20,12 +20,12 @@ def tenant_of(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def get_service(request: Request) -> SessionService:
+async def get_service(request: Request) -> SessionService:
     service: SessionService = request.app.state.service
     return service
 
 
-def get_tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+async def get_tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
     """The caller's tenant: open mode has one; otherwise the Bearer key must match a configured key."""
     keys: list[bytes] = request.app.state.api_keys
     if not keys:
@@ -82,7 +82,7 @@ async def read_body(request: Request) -> bytes | bytearray:
     return buffer
 
 
-def json_only(request: Request) -> None:
+async def json_only(request: Request) -> None:
     """406 unless `Accept` admits JSON: for the operations that answer only in JSON."""
     if response_format(request.headers.get("accept"), "json") != "json":
         raise NotAcceptable(f"this operation answers only in {JSON}")

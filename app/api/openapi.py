@@ -377,3 +377,29 @@ READY_RESPONSE = _answer(200, "Status", None) | problems(503)
 METRICS_RESPONSE: dict[int | str, Any] = {
     200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
 }
+
+# The step route is a plain Starlette route (app/api/routes/step.py), so its operation is written here.
+STEP_OPERATION: dict[str, Any] = {
+    "tags": ["sessions"],
+    "summary": "Step",
+    "description": "One optimizer step; answers the new step, lr and (unless return_params=false) params.",
+    "operationId": "step_v1_sessions__session_id__step_post",
+    "parameters": [
+        {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}},
+        {
+            "name": "return_params",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "boolean", "default": True},
+        },
+        {
+            "name": "idempotency-key",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "maxLength": 255},
+            "description": "the same key with the same body replays the first answer, applying nothing",
+        },
+    ],
+    **STEP_BODY,
+    "responses": {str(status): answer for status, answer in STEP_RESPONSE.items()},
+}

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import xxhash
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from app.api import bodies
@@ -21,8 +20,6 @@ from app.api.openapi import (
     PARAMS_RESPONSE,
     PUT_PARAMS_RESPONSE,
     SESSION_RESPONSE,
-    STEP_BODY,
-    STEP_RESPONSE,
 )
 from app.wire import safetensors
 from app.wire.common import PARAM_DTYPES
@@ -63,33 +60,6 @@ async def list_sessions(service: Service, tenant: Tenant) -> Response:
 async def get_session(session_id: str, service: Service, tenant: Tenant) -> Response:
     """The session with every default filled in."""
     return bodies.json_response((await service.get(tenant, session_id)).to_json())
-
-
-@router.post("/{session_id}/step", openapi_extra=STEP_BODY, responses=STEP_RESPONSE)
-async def step(
-    session_id: str,
-    request: Request,
-    service: Service,
-    tenant: Tenant,
-    body: Body,
-    return_params: Annotated[bool, Query()] = True,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-) -> Response:
-    """Apply one optimizer step; answer the new step, lr, and (unless return_params=false) parameters."""
-    fmt, answer = _formats(request)
-    parsed = bodies.parse_step(body, fmt)
-    fingerprint = xxhash.xxh3_128_hexdigest(body) if idempotency_key else ""
-    response: Response = await service.step(
-        tenant,
-        session_id,
-        parsed.grads,
-        bodies.render_step(answer, return_params),
-        loss=parsed.loss,
-        expected_step=parsed.step,
-        idempotency_key=idempotency_key,
-        fingerprint=fingerprint,
-    )
-    return response
 
 
 @router.get("/{session_id}/params", responses=PARAMS_RESPONSE)
