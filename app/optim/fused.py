@@ -23,9 +23,19 @@ DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 Scalar = Any  # in the kernels: an np.float32 or np.float64, the arrays' own dtype (numba reads no hints)
 
 
+def enabled_by(value: str | None) -> bool:
+    """Whether an `OPTSERVE_FUSED` value leaves the fast path on (unset, or anything but 0/false/off)."""
+    return (value or "1").strip().lower() not in {"0", "false", "off"}
+
+
+# read once: the dispatch runs for every parameter of every step, and an environment lookup costs more
+# than a small parameter's whole update
+ENABLED = enabled_by(os.environ.get("OPTSERVE_FUSED"))
+
+
 def available() -> bool:
-    """numba is importable and the fast path is not switched off with `OPTSERVE_FUSED=0`."""
-    return HAVE_NUMBA and os.environ.get("OPTSERVE_FUSED", "1").strip().lower() not in {"0", "false", "off"}
+    """numba is importable and the fast path was not switched off with `OPTSERVE_FUSED=0` at start."""
+    return HAVE_NUMBA and ENABLED
 
 
 def usable(param: Array, grad: Array, *state: Array | None) -> bool:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from app.optim import fused
 from app.optim.hparams import SpecError, parse
 from app.optim.registry import get_optimizer
 from tests.optim.oracle import (
@@ -110,7 +111,7 @@ def contract(table: Table) -> type:
             definition alone, as `OPTSERVE_FUSED=0` makes it. Only optimizers with kernels have both."""
             path: str = getattr(request, "param", "dispatch")
             if path == "reference":
-                monkeypatch.setenv("OPTSERVE_FUSED", "0")
+                monkeypatch.setattr(fused, "ENABLED", False)
             return path
 
         @pytest.mark.usefixtures("path")

@@ -63,8 +63,8 @@ def case_id(spec: dict[str, Any]) -> str:
 
 @pytest.fixture
 def fused_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """`OPTSERVE_FUSED` on, and a count of the calls into the fused kernels: which path ran."""
-    monkeypatch.setenv("OPTSERVE_FUSED", "1")
+    """The fast path on, and a count of the calls into the fused kernels: which path ran."""
+    monkeypatch.setattr(fused, "ENABLED", True)
     calls: Counter[str] = Counter()
 
     def spy(name: str) -> Any:
@@ -207,7 +207,7 @@ def test_dispatch_falls_back_per_parameter(
 def test_env_switch_runs_the_reference(
     spec: dict[str, Any], value: str, fused_calls: Counter[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("OPTSERVE_FUSED", value)
+    monkeypatch.setattr(fused, "ENABLED", fused.enabled_by(value))
     assert not fused.available()
     init = initial_params(SHAPES, np.float32)
     grads = [{k: _grad(t, k, v) for k, v in init.items()} for t in range(20)]
@@ -222,10 +222,9 @@ def test_env_switch_runs_the_reference(
 
 @needs_numba
 def test_available_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("OPTSERVE_FUSED", raising=False)
-    assert fused.available()
-    monkeypatch.setenv("OPTSERVE_FUSED", "1")
-    assert fused.available()
+    for value in (None, "1", "yes", " true "):
+        monkeypatch.setattr(fused, "ENABLED", fused.enabled_by(value))
+        assert fused.available()
 
 
 @needs_numba
