@@ -69,7 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store = open_store(settings)
     service = SessionService(store, ttl=settings.session_ttl, cache_bytes=settings.cache_bytes)
     metrics = Metrics()
-    service.on_step = lambda outcome: metrics.steps.labels(str(outcome.skipped).lower()).inc()
+    counted = {skipped: metrics.steps.labels(str(skipped).lower()) for skipped in (False, True)}
+    service.on_step = lambda outcome: counted[outcome.skipped].inc()
     keys = [k.encode() for k in settings.key_list()]
 
     @contextlib.asynccontextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,6 +43,7 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,9 +71,14 @@ class MetricsMiddleware:
             await self.app(scope, counting_receive, counting_send)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            method = scope["method"]
+            key = (scope["method"], route, status)
+            children = self._children.get(key)
+            if children is None:  # a label lookup per request costs more than the counting itself
+                m = self.metrics
+                children = (m.requests.labels(key[0], route, str(status)), m.latency.labels(key[0], route))
+                self._children[key] = children
+            children[0].inc()
+            children[1].observe(time.perf_counter() - start)
             m = self.metrics
-            m.requests.labels(method, route, str(status)).inc()
-            m.latency.labels(method, route).observe(time.perf_counter() - start)
             m.bytes_in.inc(received)
             m.bytes_out.inc(sent)

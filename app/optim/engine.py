@@ -249,16 +249,20 @@ class Engine:
                 "loss", f"must be a finite number, got {loss!r} (session option nonfinite='error')"
             )
         cast: dict[str, Array] = {}
-        with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: the policy decides
+        with np.errstate(over="ignore", invalid="ignore"):
+            # a float64 beyond float32's range becomes inf: the nonfinite policy decides
             for name, g in grads.items():
                 dtype = self.params[name].dtype
                 cast[name] = g if g.dtype == dtype else g.astype(dtype)
-        finite = all(np.isfinite(g).all() for g in cast.values())
-        if not finite:
-            if self.options["nonfinite"] == "skip":
+            # the norm (before clipping) is also the finiteness check: finite squares sum to a finite
+            # number or overflow to inf, which only a second look tells from NaN or Infinity
+            grad_norm = clip.total_norm(list(cast.values()))
+        if not math.isfinite(grad_norm):
+            bad = next((n for n, g in cast.items() if not np.isfinite(g).all()), None)
+            if bad is not None and self.options["nonfinite"] == "skip":
                 return PreparedStep({}, loss, math.nan, skipped=True)
-            bad = next(n for n, g in cast.items() if not np.isfinite(g).all())
-            raise StepError(f"grads.{bad}", "contains NaN or Infinity (session option nonfinite='error')")
+            if bad is not None:
+                raise StepError(f"grads.{bad}", "contains NaN or Infinity (session option nonfinite='error')")
         if self.scheduler is not None and self.scheduler.needs_metric:
             completes_epoch = (self.step_count + 1) % self.options["steps_per_epoch"] == 0
             if completes_epoch and loss is None and not self.losses:
@@ -269,8 +273,6 @@ class Engine:
                 )
         names = list(cast)
         values = list(cast.values())
-        with np.errstate(over="ignore"):  # a norm beyond the dtype's range is inf, as torch reports it
-            grad_norm = clip.total_norm(values)
         if self.options["clip_grad_value"] is not None:
             values = clip.clip_by_value(values, self.options["clip_grad_value"])
         if self.options["clip_grad_norm"] is not None:

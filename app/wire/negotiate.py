@@ -3,6 +3,7 @@ as the contract's §2 says: Accept first, then the request's format, then JSON."
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -35,6 +36,7 @@ class NotAcceptable(WireError):
         super().__init__(detail, status=406)
 
 
+@functools.lru_cache(maxsize=256)  # clients repeat the same few headers on every step
 def request_format(content_type: str | None) -> Format:
     """The format of a request body. Parameters (`; charset=utf-8`) and case are ignored; a missing or empty
     Content-Type is read as JSON. Anything else raises `UnsupportedMediaType`."""
@@ -128,6 +130,7 @@ def _quality(
 _JSON_PARAMS = frozenset({("charset", "utf-8")})
 
 
+@functools.lru_cache(maxsize=256)
 def response_format(accept: str | None, request_format: Format | None = None) -> Format:
     """The format of the answer: the one `accept` prefers (ties go to the request's format, then JSON);
     without an Accept (or with one that holds no valid media range), the request's format; else JSON.

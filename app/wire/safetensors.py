@@ -6,6 +6,7 @@ Layout: an 8-byte little-endian u64 N, N bytes of JSON header, then the data buf
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -135,6 +136,12 @@ def _parse_entry(
     return dtype, tuple(shape), begin, end
 
 
+@functools.lru_cache(maxsize=16)
+def _safetensors_names(allowed_dtypes: frozenset[str]) -> frozenset[str]:
+    """The safetensors dtype names of numpy dtype names (cached: dtype.name is slow on the step path)."""
+    return frozenset(st for st, dtype in _TO_NUMPY.items() if dtype.name in allowed_dtypes)
+
+
 def decode(
     body: bytes | bytearray | memoryview, allowed_dtypes: Collection[str] = FLOAT_DTYPES
 ) -> tuple[dict[str, Array], dict[str, str]]:
@@ -165,7 +172,7 @@ def decode(
     header = _parse_header(text)
     metadata = _parse_metadata(header.pop(_METADATA_KEY, None))
     data_len = len(buf) - data_start
-    allowed_st = {st for st, dtype in _TO_NUMPY.items() if dtype.name in allowed_dtypes}
+    allowed_st = _safetensors_names(frozenset(allowed_dtypes))
     entries = {name: _parse_entry(name, entry, data_len, allowed_st) for name, entry in header.items()}
 
     # As the reference reader does, require the tensors to tile the data buffer exactly: no overlap (two
