@@ -103,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.router.routes.append(step.route)
     for router in (sessions.router, catalogue.router, health.router):
         app.include_router(router)
+    app.add_middleware(step.StepFastPath)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -8,9 +8,7 @@ torch twin (Adam rows: fused Adam; SGD rows: torch SGD with momentum).
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +20,7 @@ from app.optim.adam import Adam
 from app.optim.base import Optimizer
 from app.optim.hparams import parse
 from app.optim.sgd import SGD
-from bench.common import table
+from bench.common import interleaved_medians, table
 
 SIZES = (1_000_000, 10_000_000)
 ADAM_SPEC: dict[str, Any] = {"lr": 1e-3}
@@ -78,20 +76,6 @@ def _cases(numel: int) -> list[tuple[str, str, Step]]:
         *([("optserve SGD momentum fused", sgd, _ours(SGD(), SGD_SPEC, numel, False))] if ours else []),
         ("optserve SGD momentum reference", sgd, _ours(SGD(), SGD_SPEC, numel, reference=True)),
     ]
-
-
-def interleaved_medians(steps: dict[str, Step], repeat: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds of each step, timed round-robin so that every case sees the same machine load."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeat):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def run(sizes: tuple[int, ...] = SIZES, repeat: int | None = None) -> list[dict[str, Any]]:

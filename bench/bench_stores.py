@@ -1,63 +1,79 @@
-"""The step round trip over loopback HTTP (safetensors both ways) on each store, 1M float32 Adam params.
+"""(g) The step round trip over loopback HTTP (safetensors both ways) on each store, 1M float32 Adam params.
 
-Run: `python -m bench.bench_stores`. Each store gets its own real `optserve serve` process; the ratio
-is against `memory://` measured in the same run.
+Run: `python -m bench.bench_stores`. Each store gets its own real `optserve serve` process, all three up at
+once and timed round-robin (plain httpx, pre-encoded body, medians), so the ratios against `memory://`
+share the machine's load. `redis://` is a redis-server of its own (tests/system/redis_server.py): AOF with
+`appendfsync always`, so every step is on disk before it is answered, as on `sqlite://` (WAL).
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 from app.wire import safetensors
-from bench.common import median_seconds, table
+from bench.common import (
+    ST_HEADERS,
+    Measure,
+    Section,
+    Step,
+    create_session,
+    grads_of,
+    interleaved_medians,
+    sci,
+    table,
+)
 from tests.system.redis_server import RedisServer
 from tests.system.server import Server
 
-ST = "application/vnd.safetensors"
+NUMEL = 1_000_000
+COLUMNS = ["store", "params", "ms", "vs memory://"]
 
 
-def round_trip(store: str, numel: int, repeat: int) -> float:
-    """Median seconds of one step request-response on a fresh session of `numel` parameters."""
-    with Server(store) as server, httpx.Client(base_url=server.url, timeout=120) as client:
-        zeros = {"shape": [numel], "dtype": "float32", "data": [0.0] * numel}
-        spec = {"optimizer": {"name": "adam", "lr": 1e-3}, "params": {"w": zeros}}
-        created = client.post("/v1/sessions", json=spec)
-        created.raise_for_status()
-        sid = created.json()["id"]
-        noise = np.random.default_rng(0).standard_normal(numel).astype(np.float32)
-        grads = safetensors.encode_bytes({"w": noise}, None)
-        headers = {"Content-Type": ST, "Accept": ST}
+def run(quick: bool = False, servers: object = None, numel: int | None = None) -> Section:
+    """Its own three servers (one per store); `servers` is accepted for the runner's uniform call."""
+    numel = numel or (10_000 if quick else NUMEL)
+    repeat = 5 if quick else 20
+    body = safetensors.encode_bytes({"w": grads_of(numel)}, None)
+    with tempfile.TemporaryDirectory(prefix="optserve-bench-") as tmp, ExitStack() as stack:
+        redis = stack.enter_context(RedisServer(Path(tmp) / "redis"))
+        urls = {"memory://": "memory://", "sqlite://": f"sqlite:///{tmp}/bench.db", "redis://": redis.url()}
+        steps: dict[str, Step] = {}
+        for name, url in urls.items():
+            server = stack.enter_context(Server(url))
+            client = stack.enter_context(httpx.Client(base_url=server.url, timeout=120))
+            path = f"/v1/sessions/{create_session(client, numel)}/step"
 
-        def step() -> None:
-            r = client.post(f"/v1/sessions/{sid}/step", content=grads, headers=headers)
-            r.raise_for_status()
+            def step(client: httpx.Client = client, path: str = path) -> None:
+                client.post(path, content=body, headers=ST_HEADERS).raise_for_status()
 
-        return median_seconds(step, repeat)
-
-
-def run(numel: int = 1_000_000, repeat: int = 20) -> list[dict[str, Any]]:
-    with (
-        tempfile.TemporaryDirectory(prefix="optserve-bench-") as tmp,
-        RedisServer(Path(tmp) / "redis") as redis,  # its own redis-server: AOF, appendfsync always
-    ):
-        stores = {"memory://": "memory://", "sqlite://": f"sqlite:///{tmp}/bench.db", "redis://": redis.url()}
-        results = {name: round_trip(url, numel, repeat) for name, url in stores.items()}
-    base = results["memory://"]
-    return [
-        {"store": name, "params": numel, "ms": t * 1000, "vs memory://": t / base}
-        for name, t in results.items()
+            steps[name] = step
+        seconds = interleaved_medians(steps, repeat)
+    base = seconds["memory://"]
+    rows: list[dict[str, Any]] = [
+        {"store": name, "params": numel, "ms": s * 1e3, "vs memory://": s / base}
+        for name, s in seconds.items()
     ]
+    measures = [
+        Measure("g", f"step on {name}, {sci(numel)} params", s * 1e3, base * 1e3, "memory://", "ms")
+        for name, s in seconds.items()
+        if name != "memory://"
+    ]
+    notes = [
+        f"Medians of {repeat} steps per store after 3 warm-ups, round-robin across the three servers; the "
+        "durable stores write the whole state (params and both moments) on every step.",
+    ]
+    return Section("g", "The same step per store", COLUMNS, rows, measures, notes)
 
 
 def main() -> int:
-    rows = run()
-    print(table(rows, ["store", "params", "ms", "vs memory://"]))
+    section = run(quick="--quick" in sys.argv)
+    print(table(section.rows, section.columns))
     return 0
 
 
