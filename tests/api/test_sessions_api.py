@@ -293,3 +293,15 @@ async def test_tensor_object_form_checks_data_length(client: httpx.AsyncClient) 
         "/v1/sessions", json={"optimizer": {"name": "sgd"}, "params": {"w": tensor_json(W)}}
     )
     assert ok.status_code == 201
+
+
+async def test_float16_gradients_step_a_float32_session_as_their_float32_values(
+    client: httpx.AsyncClient,
+) -> None:
+    half = (GW * 3.3).astype(np.float16)
+    a = await create(client, {"w": W}, optimizer={"name": "adam", "lr": 0.1})
+    b = await create(client, {"w": W}, optimizer={"name": "adam", "lr": 0.1})
+    from_half = params_of(await step(client, a, {"w": half}, "safetensors"))
+    from_single = params_of(await step(client, b, {"w": half.astype(np.float32)}, "safetensors"))
+    assert from_half["w"].dtype == np.float32
+    np.testing.assert_array_equal(from_half["w"], from_single["w"])
