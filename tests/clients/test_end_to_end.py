@@ -65,6 +65,21 @@ async def test_async_client_runs_a_session_through_checkpoint_and_restore(server
             await s.delete()
 
 
+def test_json_requests_carry_every_float32_exactly(server: Server) -> None:
+    """Tensors go as the shortest decimal of the float64 value, which reads back exactly; the float32's own
+    shortest decimal, read as a double then rounded, misses for +-7.038531e-26 (bits 0x15ae43fd)."""
+    tricky = np.array([0x15AE43FD, 0x95AE43FD, 0x3DCCCCCD, 0x00000001, 0x7F7FFFFF], np.uint32).view(
+        np.float32
+    )
+    with optserve.Client(server.url, wire="json") as client:
+        session = client.create_session({"w": tricky}, {"name": "sgd", "lr": 1.0})
+        session.set_params({"w": tricky[::-1].copy()})
+        with optserve.Client(server.url) as exact:  # read back as safetensors, which is bit-exact
+            stored = exact.get_session(session.id).params()["w"]
+        assert stored.view(np.uint32).tolist() == tricky[::-1].view(np.uint32).tolist()
+        session.delete()
+
+
 async def test_step_whose_answer_is_lost_on_a_real_connection_is_applied_once(server: Server) -> None:
     faults = DropAnswers("POST", "/step")
     faults.inner = httpx.AsyncHTTPTransport()

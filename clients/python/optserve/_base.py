@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import time
+import urllib.request
 from collections.abc import Generator
 from typing import Any, TypeVar
 
@@ -14,8 +15,9 @@ import httpx
 from optserve._calls import Call
 from optserve._policy import NOT_SENT, RetryPolicy, Timeout, error_delay, status_delay
 from optserve._version import __version__
-from optserve._wire import Wire
+from optserve._wire import Wire, handed_over
 from optserve.errors import TransportError, UnexpectedResponse, error_from_response
+from optserve.transport import BODY_EXTENSION, AsyncFastTransport, BufferStream, FastTransport
 
 T = TypeVar("T")
 H = TypeVar("H", httpx.Client, httpx.AsyncClient)
@@ -46,6 +48,9 @@ class BaseClient:
         self._headers = {"User-Agent": f"optserve-python/{__version__}"}
         if api_key is not None:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        # Set by subclasses: the transport sends a `BufferStream` as it is (else it is joined first, so that
+        # an injected transport sees a plain bytes request, `request.content` included).
+        self._zero_copy = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base_url!r}, wire={self.wire!r})"
@@ -56,14 +61,34 @@ class BaseClient:
             headers["Content-Type"] = call.content_type
         if call.idempotency_key is not None:
             headers["Idempotency-Key"] = call.idempotency_key
-        size = max(len(call.content or b""), call.size_hint)
-        return http.build_request(
-            call.method,
-            self.base_url + call.path,
-            content=call.content,
-            params=call.query,
-            headers=headers,
-            timeout=self.timeout.for_size(size),
+        body = call.content
+        size = max(body.nbytes if isinstance(body, BufferStream) else len(body or b""), call.size_hint)
+        timeout = self.timeout.for_size(size)
+        url = self.base_url + call.path
+        if not self._zero_copy:
+            content = body.joined() if isinstance(body, BufferStream) else body
+            return http.build_request(
+                call.method, url, content=content, params=call.query, headers=headers, timeout=timeout
+            )
+        # Ask the transport to hand the answer's body over (`_wire.content`).
+        extensions = {BODY_EXTENSION: True}
+        if not isinstance(body, BufferStream):
+            return http.build_request(
+                call.method,
+                url,
+                content=body,
+                params=call.query,
+                headers=headers,
+                timeout=timeout,
+                extensions=extensions,
+            )
+        # The client's defaults merged in as for any request, then the body as a stream of its buffers.
+        headers["Content-Length"] = str(body.nbytes)
+        request = http.build_request(
+            call.method, url, params=call.query, headers=headers, timeout=timeout, extensions=extensions
+        )
+        return httpx.Request(
+            request.method, request.url, headers=request.headers, stream=body, extensions=request.extensions
         )
 
     def _exchange(self, http: httpx.Client | httpx.AsyncClient, call: Call[T]) -> Exchange[T]:
@@ -132,10 +157,35 @@ def _retries(value: int | RetryPolicy | None) -> RetryPolicy:
     return policy
 
 
-def own_http_client(cls: type[H], injected: H | None, transport: Any) -> tuple[H, bool]:
-    """The httpx client to use, and whether it is ours to close (an injected one belongs to its owner)."""
-    if injected is None:
-        return cls(transport=transport), True
-    if transport is not None:
-        raise ValueError("pass transport= or http_client=, not both")
-    return injected, False
+def own_http_client(cls: type[H], base_url: str, injected: H | None, transport: Any) -> tuple[H, bool, bool]:
+    """The httpx client to use, whether it is ours to close (an injected one belongs to its owner), and
+    whether its transport sends `BufferStream` bodies as they are. Without an injected transport or client,
+    `http://` URLs get a fast transport (`optserve.transport`), unless the environment names a proxy for
+    them (httpx honours it only with its default transport); others get httpx's default."""
+    if injected is not None:
+        if transport is not None:
+            raise ValueError("pass transport= or http_client=, not both")
+        return injected, False, False
+    if transport is None and base_url.lower().startswith("http://") and not _proxied(base_url):
+        transport = FastTransport() if cls is httpx.Client else AsyncFastTransport()
+    return cls(transport=transport), True, isinstance(transport, FastTransport | AsyncFastTransport)
+
+
+def _proxied(url: str) -> bool:
+    """Whether HTTP_PROXY/ALL_PROXY (and NO_PROXY) send plain http requests to `url` through a proxy."""
+    proxies = urllib.request.getproxies()
+    if not (proxies.get("http") or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(httpx.URL(url).host)
+
+
+def needs_reading(response: httpx.Response) -> bool:
+    """Whether the answer's body must still be read: not when a fast transport handed over a successful
+    answer's body (`_wire.content` finds it; reading `content` would copy it)."""
+    return response.is_error or handed_over(response) is None
+
+
+def let_go(response: httpx.Response) -> None:
+    """Drops the response's reference to a handed-over body once it is parsed: the arrays made from it are
+    then its only users, and when they go, the transport may receive into it again."""
+    response.extensions.pop(BODY_EXTENSION, None)

@@ -3,7 +3,6 @@ Pure: `Client` and `AsyncClient` only differ in how they carry a `Call` out."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -12,8 +11,8 @@ from urllib.parse import quote
 
 import httpx
 import numpy.typing as npt
+import orjson
 
-from optserve import _safetensors
 from optserve._wire import (
     GRAD_DTYPES,
     JSON,
@@ -22,13 +21,17 @@ from optserve._wire import (
     Array,
     Wire,
     arrays,
+    content,
     dumps,
     is_safetensors,
+    loads,
+    safetensors_answer,
     tensor_json,
     tensors_body,
     tensors_from_json,
 )
 from optserve.models import HistoryRecord, SessionInfo, SessionSummary, StepResult
+from optserve.transport import BufferStream
 
 T = TypeVar("T")
 
@@ -42,12 +45,13 @@ class Call(Generic[T]):
     """One exchange. `resendable`: the request may be sent again after it may have reached the server (reads,
     PUT, DELETE, and steps, whose Idempotency-Key makes a resend harmless); creating a session is not, since a
     resend could create two. `gone_means_done`: a 404 after such a resend means the first try did the work.
-    `size_hint`: bytes expected in the answer, for the timeout."""
+    `size_hint`: bytes expected in the answer, for the timeout. `content` is bytes, or for tensors a
+    `BufferStream` of views of the arrays."""
 
     method: str
     path: str
     parse: Callable[[httpx.Response], T]
-    content: bytes | None = None
+    content: bytes | BufferStream | None = None
     content_type: str | None = None
     accept: str = JSON
     query: Mapping[str, str] | None = None
@@ -62,7 +66,7 @@ def _session_path(session_id: str, tail: str = "") -> str:
 
 
 def _session_info(response: httpx.Response) -> SessionInfo:
-    return SessionInfo.from_json(response.json())
+    return SessionInfo.from_json(loads(response))
 
 
 def create(
@@ -88,7 +92,7 @@ def get_session(session_id: str) -> Call[SessionInfo]:
 
 def list_sessions() -> Call[list[SessionSummary]]:
     def parse(response: httpx.Response) -> list[SessionSummary]:
-        return [SessionSummary.from_json(s) for s in response.json()["sessions"]]
+        return [SessionSummary.from_json(s) for s in loads(response)["sessions"]]
 
     return Call("GET", "/v1/sessions", parse)
 
@@ -96,16 +100,16 @@ def list_sessions() -> Call[list[SessionSummary]]:
 def _step_result(response: httpx.Response) -> StepResult:
     replayed = response.headers.get("idempotent-replayed") == "true"
     if is_safetensors(response):
-        params, meta = _safetensors.decode(response.content)
+        params, meta = safetensors_answer(response)
         return StepResult(
             step=int(meta["step"]),
-            lr=[float(x) for x in json.loads(meta["lr"])],
+            lr=[float(x) for x in orjson.loads(meta["lr"])],
             params=params,
             skipped=meta["skipped"] == "true",
             grad_norm=None if meta["grad_norm"] == "null" else float(meta["grad_norm"]),
             replayed=replayed,
         )
-    body = response.json()
+    body = loads(response)
     return StepResult(
         step=body["step"],
         lr=body["lr"],
@@ -143,8 +147,8 @@ def step(
 
 def _params(response: httpx.Response) -> dict[str, Array]:
     if is_safetensors(response):
-        return _safetensors.decode(response.content)[0]
-    return tensors_from_json(response.json()["params"])
+        return safetensors_answer(response)[0]
+    return tensors_from_json(loads(response)["params"])
 
 
 def get_params(wire: Wire, info: SessionInfo) -> Call[dict[str, Array]]:
@@ -157,11 +161,16 @@ def put_params(wire: Wire, info: SessionInfo, params: Mapping[str, npt.ArrayLike
     return Call("PUT", _session_path(info.id, "/params"), _session_info, content, content_type)
 
 
+def _bytes(response: httpx.Response) -> bytes:
+    body = content(response)
+    return body if isinstance(body, bytes) else body.tobytes()
+
+
 def checkpoint(info: SessionInfo) -> Call[bytes]:
     return Call(
         "GET",
         _session_path(info.id, "/checkpoint"),
-        lambda response: response.content,
+        _bytes,
         accept=SAFETENSORS,
         size_hint=CHECKPOINT_SIZE_FACTOR * info.param_bytes,
     )
@@ -169,7 +178,7 @@ def checkpoint(info: SessionInfo) -> Call[bytes]:
 
 def history(session_id: str, limit: int | None) -> Call[list[HistoryRecord]]:
     def parse(response: httpx.Response) -> list[HistoryRecord]:
-        return [HistoryRecord.from_json(r) for r in response.json()["steps"]]
+        return [HistoryRecord.from_json(r) for r in loads(response)["steps"]]
 
     query = None if limit is None else {"limit": str(limit)}
     return Call("GET", _session_path(session_id, "/history"), parse, query=query)
@@ -183,7 +192,7 @@ def catalogue(kind: str) -> Call[list[dict[str, Any]]]:
     """`optimizers` or `schedulers`: each entry's name, hyperparameters (types, defaults) and description."""
 
     def parse(response: httpx.Response) -> list[dict[str, Any]]:
-        entries: list[dict[str, Any]] = response.json()[kind]
+        entries: list[dict[str, Any]] = loads(response)[kind]
         return entries
 
     return Call("GET", f"/v1/{kind}", parse)
@@ -197,7 +206,7 @@ def preview_schedule(
     body.update((k, v) for k, v in options.items() if v is not None)
 
     def parse(response: httpx.Response) -> list[list[float]]:
-        lrs: list[list[float]] = response.json()["lr"]
+        lrs: list[list[float]] = loads(response)["lr"]
         return lrs
 
     return Call("POST", "/v1/schedules/preview", parse, dumps(body), JSON)
@@ -205,7 +214,7 @@ def preview_schedule(
 
 def health() -> Call[dict[str, Any]]:
     def parse(response: httpx.Response) -> dict[str, Any]:
-        body: dict[str, Any] = response.json()
+        body: dict[str, Any] = loads(response)
         return body
 
     return Call("GET", "/healthz", parse)

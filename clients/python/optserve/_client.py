@@ -13,7 +13,7 @@ import httpx
 import numpy.typing as npt
 
 from optserve import _calls
-from optserve._base import BaseClient, own_http_client
+from optserve._base import BaseClient, let_go, needs_reading, own_http_client
 from optserve._calls import Call
 from optserve._policy import RetryPolicy, Timeout
 from optserve._wire import Array, Wire
@@ -43,7 +43,9 @@ class Client(BaseClient):
         wire: Wire = "safetensors",
     ) -> None:
         super().__init__(base_url, api_key, timeout, retries, wire)
-        self._http, self._owns_http = own_http_client(httpx.Client, http_client, transport)
+        self._http, self._owns_http, self._zero_copy = own_http_client(
+            httpx.Client, self.base_url, http_client, transport
+        )
 
     def _request(self, call: Call[T]) -> T:
         flow = self._exchange(self._http, call)
@@ -55,11 +57,19 @@ class Client(BaseClient):
                     action = flow.send(None)
                     continue
                 try:
-                    response = self._http.send(action)
+                    response = self._http.send(action, stream=True)
+                    try:
+                        if needs_reading(response):
+                            response.read()
+                    finally:
+                        response.close()
                 except httpx.TransportError as exc:
                     action = flow.throw(exc)
                 else:
-                    action = flow.send(response)
+                    try:
+                        action = flow.send(response)
+                    finally:
+                        let_go(response)
         except StopIteration as done:
             return cast(T, done.value)
 
@@ -205,7 +215,9 @@ class AsyncClient(BaseClient):
         wire: Wire = "safetensors",
     ) -> None:
         super().__init__(base_url, api_key, timeout, retries, wire)
-        self._http, self._owns_http = own_http_client(httpx.AsyncClient, http_client, transport)
+        self._http, self._owns_http, self._zero_copy = own_http_client(
+            httpx.AsyncClient, self.base_url, http_client, transport
+        )
 
     async def _request(self, call: Call[T]) -> T:
         flow = self._exchange(self._http, call)
@@ -217,11 +229,19 @@ class AsyncClient(BaseClient):
                     action = flow.send(None)
                     continue
                 try:
-                    response = await self._http.send(action)
+                    response = await self._http.send(action, stream=True)
+                    try:
+                        if needs_reading(response):
+                            await response.aread()
+                    finally:
+                        await response.aclose()
                 except httpx.TransportError as exc:
                     action = flow.throw(exc)
                 else:
-                    action = flow.send(response)
+                    try:
+                        action = flow.send(response)
+                    finally:
+                        let_go(response)
         except StopIteration as done:
             return cast(T, done.value)
 

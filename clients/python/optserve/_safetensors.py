@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Mapping
@@ -11,8 +10,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 Array = npt.NDArray[Any]
+Buffer = bytes | bytearray | memoryview
 
 _PREFIX = struct.Struct("<Q")
 _METADATA = "__metadata__"
@@ -25,7 +26,14 @@ class FormatError(ValueError):
 
 
 def encode(tensors: Mapping[str, Array], metadata: Mapping[str, str] | None = None) -> bytes:
-    """One body; each tensor's bytes are copied once, straight into it.
+    """One body; each tensor's bytes are copied once, straight into it."""
+    return b"".join(encode_parts(tensors, metadata))
+
+
+def encode_parts(tensors: Mapping[str, Array], metadata: Mapping[str, str] | None = None) -> list[Buffer]:
+    """The body as buffers to send one after the other, without joining them: the length prefix and header,
+    then each tensor's bytes, a view of the array itself when it is already little-endian and C-contiguous
+    (else of a converted copy).
 
     As the reference writer does, tensors go in order of descending itemsize then name, which keeps every
     tensor aligned for its dtype, and the header is padded with spaces to a multiple of 8 bytes.
@@ -46,10 +54,11 @@ def encode(tensors: Mapping[str, Array], metadata: Mapping[str, str] | None = No
             "data_offsets": [offset, offset + array.nbytes],
         }
         offset += array.nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = orjson.dumps(header)
     head += b" " * (-len(head) % 8)
-    parts = [arrays[name].reshape(-1).view(np.uint8).data for name in order if arrays[name].size]
-    return b"".join([_PREFIX.pack(len(head)), head, *parts])
+    parts: list[Buffer] = [_PREFIX.pack(len(head)) + head]
+    parts += [arrays[name].reshape(-1).view(np.uint8).data for name in order if arrays[name].size]
+    return parts
 
 
 def _entry(name: str, entry: Any, data_len: int) -> tuple[np.dtype[Any], tuple[int, ...], int, int]:
@@ -67,9 +76,11 @@ def _entry(name: str, entry: Any, data_len: int) -> tuple[np.dtype[Any], tuple[i
     return dtype, tuple(shape), begin, end
 
 
-def decode(body: bytes) -> tuple[dict[str, Array], dict[str, str]]:
+def decode(body: Buffer, owned: bool = False) -> tuple[dict[str, Array], dict[str, str]]:
     """`({name: array}, metadata)`. The arrays are writable views into one copy of `body`, so that callers
-    (and `torch.from_numpy`) may use them freely; a tensor misaligned for its dtype is copied on its own."""
+    (and `torch.from_numpy`) may use them freely; a tensor misaligned for its dtype is copied on its own.
+    `owned`: `body` is a writable buffer that nothing else will use (as the fast transports hand over): the
+    arrays are views of it, no copy at all."""
     if len(body) < _PREFIX.size:
         raise FormatError(f"a safetensors body is at least 8 bytes long, this one is {len(body)}")
     (header_len,) = _PREFIX.unpack_from(body)
@@ -77,7 +88,7 @@ def decode(body: bytes) -> tuple[dict[str, Array], dict[str, str]]:
     if start > len(body):
         raise FormatError(f"the header claims {header_len} bytes but the body has {len(body) - 8} after it")
     try:
-        header = json.loads(body[_PREFIX.size : start])
+        header = orjson.loads(body[_PREFIX.size : start])
     except ValueError as exc:
         raise FormatError(f"the header is not JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -85,7 +96,7 @@ def decode(body: bytes) -> tuple[dict[str, Array], dict[str, str]]:
     metadata = header.pop(_METADATA, None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FormatError("__metadata__ is not an object of strings")
-    buffer = bytearray(body)
+    buffer = body if owned and not memoryview(body).readonly else bytearray(body)
     tensors: dict[str, Array] = {}
     for name, entry in header.items():
         dtype, shape, begin, end = _entry(name, entry, len(body) - start)
