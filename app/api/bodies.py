@@ -48,15 +48,11 @@ def _object(body: Any, allowed: tuple[str, ...], what: str) -> dict[str, Any]:
     return body
 
 
-def _tensors(
-    value: Any, field: str, default_dtype: str, allowed: Collection[str], body: bytes | bytearray
-) -> dict[str, Array]:
+def _tensors(value: Any, field: str, default_dtype: str, allowed: Collection[str]) -> dict[str, Array]:
     if not isinstance(value, dict):
         raise WireError("expected an object of name -> tensor", field=field)
-    # a document without a true/false token holds no boolean: the tensors' check can be faster
-    booleans = b"true" in body or b"false" in body
     return {
-        str(name): jsontensor.decode_tensor(v, default_dtype, f"{field}.{name}", allowed, booleans)
+        str(name): jsontensor.decode_tensor(v, default_dtype, f"{field}.{name}", allowed)
         for name, v in value.items()
     }
 
@@ -103,7 +99,7 @@ def parse_create(body: bytes | bytearray) -> tuple[dict[str, Any], dict[str, Arr
     data = _object(jsontensor.loads(body), CREATE_KEYS, "create")
     if "params" not in data:
         raise WireError("`params` is required: an object of name -> tensor", field="params")
-    params = _tensors(data.pop("params"), "params", "float32", PARAM_DTYPES, body)
+    params = _tensors(data.pop("params"), "params", "float32", PARAM_DTYPES)
     metadata = data.pop("metadata", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise WireError("expected an object of string -> string", field="metadata")
@@ -117,7 +113,7 @@ def parse_step(body: bytes | bytearray, fmt: Format) -> StepBody:
     data = _object(jsontensor.loads(body), STEP_KEYS, "step")
     if "grads" not in data:
         raise WireError("`grads` is required: an object of name -> tensor", field="grads")
-    grads = _tensors(data["grads"], "grads", "float64", GRAD_DTYPES, body)
+    grads = _tensors(data["grads"], "grads", "float64", GRAD_DTYPES)
     return StepBody(grads, _int(data.get("step"), "step"), _number(data.get("loss"), "loss"))
 
 
@@ -126,7 +122,7 @@ def parse_params(body: bytes | bytearray, fmt: Format) -> dict[str, Array]:
         tensors, _ = safetensors.decode(body, PARAM_DTYPES)
         return tensors
     data = _object(jsontensor.loads(body), ("params",), "params")
-    return _tensors(data.get("params"), "params", "float64", PARAM_DTYPES, body)
+    return _tensors(data.get("params"), "params", "float64", PARAM_DTYPES)
 
 
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:

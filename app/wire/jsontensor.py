@@ -67,25 +67,6 @@ def _convert(field: str, value: Any, dtype: np.dtype[Any], flat: bool = False) -
         )
 
 
-def _flat_numbers(field: str, data: list[Any], dtype: np.dtype[Any], booleans_possible: bool) -> Array | None:
-    """A flat list of numbers as `dtype`, or None when it is not one (or might hold booleans).
-
-    Without booleans in the document, numpy's own type inference is the check: numbers give an integer
-    or float array, and a string, null, object or list anywhere gives another kind. That is twice as
-    fast as looking at each element's type, which only booleans (numpy reads true as 1) still need.
-    """
-    if booleans_possible:
-        return None
-    with np.errstate(over="ignore"):
-        try:
-            inferred = np.array(data)
-        except (ValueError, TypeError, OverflowError):
-            return None
-        if inferred.dtype.kind not in "fi" or inferred.ndim != 1:
-            return None
-        return inferred.astype(dtype, copy=False)
-
-
 def _check_finite(field: str, arr: Array) -> Array:
     if not np.isfinite(arr).all():
         _invalid(
@@ -103,11 +84,7 @@ def _resolve_dtype(field: str, name: object, allowed: Collection[str]) -> np.dty
 
 
 def _decode_object(
-    value: dict[str, Any],
-    default_dtype: np.dtype[Any],
-    field: str,
-    allowed: Collection[str],
-    booleans_possible: bool,
+    value: dict[str, Any], default_dtype: np.dtype[Any], field: str, allowed: Collection[str]
 ) -> Array:
     if not value.keys() <= _TENSOR_KEYS or not {"shape", "data"} <= value.keys():
         _invalid(
@@ -126,22 +103,16 @@ def _decode_object(
         _invalid(
             f"{field}.data", f"data must be a flat list of numbers in row-major order, not {_type_name(data)}"
         )
+    _check_types(f"{field}.data", data)
     # Python ints: a hostile shape cannot overflow the comparison.
     if len(data) != math.prod(shape):
         _invalid(
             f"{field}.data", f"data has {len(data)} numbers but shape {show(shape)} needs {math.prod(shape)}"
         )
-    arr = _flat_numbers(f"{field}.data", data, dtype, booleans_possible)
-    if arr is None:
-        _check_types(f"{field}.data", data)
-        arr = _convert(f"{field}.data", data, dtype, flat=True)
-    return _check_finite(f"{field}.data", arr).reshape(shape)
+    return _check_finite(f"{field}.data", _convert(f"{field}.data", data, dtype, flat=True)).reshape(shape)
 
 
-def _decode_nested(value: list[Any], dtype: np.dtype[Any], field: str, booleans_possible: bool) -> Array:
-    flat = _flat_numbers(field, value, dtype, booleans_possible)
-    if flat is not None:
-        return _check_finite(field, flat)
+def _decode_nested(value: list[Any], dtype: np.dtype[Any], field: str) -> Array:
     kinds = set(map(type, value))
     if kinds <= _NUMBER_TYPES:  # a flat list, the common case
         return _check_finite(field, _convert(field, value, dtype, flat=True))
@@ -160,7 +131,6 @@ def decode_tensor(
     default_dtype: np.dtype[Any] | type[np.floating[Any]] | str,
     field: str,
     allowed_dtypes: Collection[str] = FLOAT_DTYPES,
-    booleans_possible: bool = True,
 ) -> Array:
     """Read one JSON tensor into a new, writable array.
 
@@ -169,13 +139,12 @@ def decode_tensor(
     number, both read as `default_dtype`. `allowed_dtypes` holds numpy names. Anything else, including
     booleans, strings, null, ragged lists, wrong lengths, an unsupported dtype or a number too large for the
     dtype, is a 422 `WireError` naming `field` (or `field.shape` / `field.dtype` / `field.data`).
-    `booleans_possible=False` (the document has no `true`/`false` token) allows a faster check.
     """
     default = np.dtype(default_dtype)
     if isinstance(value, dict):
-        return _decode_object(value, default, field, allowed_dtypes, booleans_possible)
+        return _decode_object(value, default, field, allowed_dtypes)
     if isinstance(value, list):
-        return _decode_nested(value, default, field, booleans_possible)
+        return _decode_nested(value, default, field)
     if type(value) in _NUMBER_TYPES:
         return _check_finite(field, _convert(field, value, default))
     _invalid(
