@@ -276,36 +276,3 @@ def test_dumps_writes_numpy_natively() -> None:
 def test_dumps_writes_non_finite_values_as_null() -> None:
     # Documented orjson behaviour that callers must know about: JSON has no NaN/Infinity.
     assert dumps(np.array([np.nan, np.inf], np.float32)) == b"[null,null]"
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        [1.5, -2.0, 3],
-        [0, 1, 2],
-        [1e300, 2.0],
-        [2**70, 1.0],
-        [1.0, None],
-        [1.0, "2"],
-        [1.0, [2.0]],
-        [[1.0], [2.0]],
-    ],
-)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_the_boolean_free_fast_check_agrees_with_the_exact_one(data: list[Any], dtype: str) -> None:
-    """Without booleans in the document the decoder trusts numpy's inference; it must decide as the
-    element-by-element check does: the same array, or a 422 on the same field."""
-    obj = {"shape": [2], "dtype": dtype, "data": data}
-    outcomes = []
-    for booleans_possible in (True, False):
-        try:
-            outcomes.append(decode_tensor(obj, "float64", "g", booleans_possible=booleans_possible))
-        except WireError as exc:
-            outcomes.append((exc.status, exc.field))
-    exact, fast = outcomes
-    if isinstance(exact, tuple):
-        assert fast == exact
-    else:
-        assert isinstance(fast, np.ndarray)
-        assert fast.dtype == exact.dtype
-        np.testing.assert_array_equal(fast, exact)
