@@ -527,7 +527,35 @@ class _Pool:
 # -- the blocking transport -----------------------------------------------------------------------------
 
 
-class FastTransport(httpx.BaseTransport):
+class _Core:
+    """What the blocking and the asyncio transports share: the pool, the answer buffers, their settings."""
+
+    def __init__(self, socket_buffer: int | None, max_idle: int) -> None:
+        self.socket_buffer = socket_buffer
+        self._pool = _Pool(max_idle)
+        self._buffers = _Buffers()
+        self.connections_opened = 0
+
+    def _opened(self, sock: socket.socket, origin: _Origin) -> _Connection:
+        self.connections_opened += 1
+        return _Connection(sock, origin, self._buffers)
+
+    def _settle(
+        self, conn: _Connection, outgoing: _Outgoing, answer: _Answer, request: httpx.Request
+    ) -> httpx.Response:
+        """Keeps the connection for the next request when both sides allow it, and makes the response."""
+        if answer.keep and outgoing.keep and not conn.cut:
+            self._pool.give(conn)
+        else:
+            conn.close()
+        return _response(answer, request)
+
+    def _release(self) -> None:
+        self._pool.close()
+        self._buffers.clear()
+
+
+class FastTransport(_Core, httpx.BaseTransport):
     """A blocking HTTP/1.1 keep-alive transport for large bodies; see the module's description.
 
     `socket_buffer`: SO_SNDBUF and SO_RCVBUF in bytes (None keeps the system's). `max_idle`: idle connections
@@ -541,11 +569,8 @@ class FastTransport(httpx.BaseTransport):
         max_idle: int = MAX_IDLE,
         fallback: httpx.BaseTransport | None = None,
     ) -> None:
-        self.socket_buffer = socket_buffer
-        self._pool = _Pool(max_idle)
-        self._buffers = _Buffers()
+        super().__init__(socket_buffer, max_idle)
         self._fallback = fallback
-        self.connections_opened = 0
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if request.url.scheme != "http":
@@ -569,11 +594,7 @@ class FastTransport(httpx.BaseTransport):
             except BaseException:
                 conn.close()
                 raise
-            if answer.keep and outgoing.keep and not conn.cut:
-                self._pool.give(conn)
-            else:
-                conn.close()
-            return _response(answer, request)
+            return self._settle(conn, outgoing, answer, request)
 
     def _connect(self, request: httpx.Request, origin: _Origin, timeout: float | None) -> _Connection:
         host, port = origin
@@ -595,8 +616,7 @@ class FastTransport(httpx.BaseTransport):
                 sock.close()
                 error = exc
                 continue
-            self.connections_opened += 1
-            return _Connection(sock, origin, self._buffers)
+            return self._opened(sock, origin)
         raise httpx.ConnectError(f"cannot connect to {host}:{port}: {error}", request=request) from error
 
     def _exchange(
@@ -685,8 +705,7 @@ class FastTransport(httpx.BaseTransport):
             raise _closed(request, got) from None
 
     def close(self) -> None:
-        self._pool.close()
-        self._buffers.clear()
+        self._release()
         if self._fallback is not None:
             self._fallback.close()
 
@@ -730,7 +749,7 @@ async def _ready(sock: socket.socket, read: bool, write: bool, timeout: float | 
             timer.cancel()
 
 
-class AsyncFastTransport(httpx.AsyncBaseTransport):
+class AsyncFastTransport(_Core, httpx.AsyncBaseTransport):
     """`FastTransport` on asyncio (uvloop too): non-blocking sockets driven by the running loop. Same
     arguments; `fallback` is async, and also takes requests made under another async library than asyncio."""
 
@@ -741,11 +760,8 @@ class AsyncFastTransport(httpx.AsyncBaseTransport):
         max_idle: int = MAX_IDLE,
         fallback: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.socket_buffer = socket_buffer
-        self._pool = _Pool(max_idle)
-        self._buffers = _Buffers()
+        super().__init__(socket_buffer, max_idle)
         self._fallback = fallback
-        self.connections_opened = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
@@ -774,11 +790,7 @@ class AsyncFastTransport(httpx.AsyncBaseTransport):
             except BaseException:
                 conn.close()
                 raise
-            if answer.keep and outgoing.keep and not conn.cut:
-                self._pool.give(conn)
-            else:
-                conn.close()
-            return _response(answer, request)
+            return self._settle(conn, outgoing, answer, request)
 
     async def _connect(self, request: httpx.Request, origin: _Origin, timeout: float | None) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -800,8 +812,7 @@ class AsyncFastTransport(httpx.AsyncBaseTransport):
                     except BaseException:
                         sock.close()
                         raise
-                    self.connections_opened += 1
-                    return _Connection(sock, origin, self._buffers)
+                    return self._opened(sock, origin)
         except TimeoutError as exc:
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out", request=request) from exc
         except OSError as exc:
@@ -901,7 +912,6 @@ class AsyncFastTransport(httpx.AsyncBaseTransport):
             raise _closed(request, got) from None
 
     async def aclose(self) -> None:
-        self._pool.close()
-        self._buffers.clear()
+        self._release()
         if self._fallback is not None:
             await self._fallback.aclose()
