@@ -83,17 +83,10 @@ class NotFound(APIError):
 class StepConflict(APIError):
     """409: the session is at `current_step`, not at the step the request expected."""
 
-    def __init__(
-        self,
-        status: int,
-        title: str,
-        detail: str,
-        errors: list[FieldError] | None = None,
-        problem: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(status, title, detail, errors, problem)
+    @property
+    def current_step(self) -> int | None:
         current = self.problem.get("current_step")
-        self.current_step: int | None = current if isinstance(current, int) else None
+        return current if isinstance(current, int) and not isinstance(current, bool) else None
 
 
 class PayloadTooLarge(APIError):
