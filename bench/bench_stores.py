@@ -26,7 +26,7 @@ from bench.common import (
     grads_of,
     interleaved_medians,
     sci,
-    table,
+    section_main,
 )
 from tests.system.redis_server import RedisServer
 from tests.system.server import Server
@@ -71,11 +71,5 @@ def run(quick: bool = False, servers: object = None, numel: int | None = None) -
     return Section("g", "The same step per store", COLUMNS, rows, measures, notes)
 
 
-def main() -> int:
-    section = run(quick="--quick" in sys.argv)
-    print(table(section.rows, section.columns))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(section_main(run))

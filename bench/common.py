@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from tests.system.server import Server, free_port
+from tests.system.server import Server, free_port, terminate
 
 ST = "application/vnd.safetensors"
 JSON = "application/json"
@@ -187,13 +187,7 @@ class Process:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
 
     def __enter__(self) -> Process:
         return self.start()
@@ -365,3 +359,12 @@ def _revision() -> str:
         return "unknown (no git)"
     state = "with uncommitted changes in app/ or the SDK" if dirty.stdout.strip() else "clean app/ and SDK"
     return f"commit {head.stdout.strip()}, {state}"
+
+
+def section_main(run: Callable[..., Section]) -> int:
+    """`python -m bench.<module> [--quick]`: one section alone, its table and its measures printed."""
+    section = run(quick="--quick" in sys.argv)
+    print(table(section.rows, section.columns))
+    for measure in section.measures:
+        print(measure.row())
+    return 0

@@ -37,7 +37,7 @@ from bench.common import (
     grads_of,
     interleaved_medians,
     sci,
-    table,
+    section_main,
 )
 
 SIZES = (10_000, 100_000)
@@ -141,11 +141,5 @@ def run(quick: bool = False, servers: Servers | None = None) -> Section:
     return Section("e", "JSON step vs in-process orjson", COLUMNS, rows, measures, notes)
 
 
-def main() -> int:
-    section = run(quick="--quick" in sys.argv)
-    print(table(section.rows, section.columns))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(section_main(run))

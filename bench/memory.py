@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from app.wire import safetensors
-from bench.common import ST, Measure, Section, create_session, grads_of, rss_bytes, table
+from bench.common import ST, Measure, Section, create_session, grads_of, rss_bytes, section_main
 from tests.system.server import Server
 
 SESSIONS = 1000
@@ -90,13 +90,5 @@ def run(quick: bool = False, servers: object = None) -> Section:
     return Section("f", "Server memory per session", COLUMNS, rows, measures, notes)
 
 
-def main() -> int:
-    section = run(quick="--quick" in sys.argv)
-    print(table(section.rows, section.columns))
-    for m in section.measures:
-        print(m.row())
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(section_main(run))

@@ -54,12 +54,12 @@ def parse_head(head: bytes) -> tuple[int, int, bytes]:
 # -- the echo server ------------------------------------------------------------------------------------
 
 
-class _EchoProtocol(asyncio.Protocol):
+class _Protocol(asyncio.Protocol):
+    """A buffer of what arrived, `need` (-1 while the head is incomplete), and a TCP_NODELAY socket."""
+
     def __init__(self) -> None:
         self.buf = bytearray()
         self.need = -1
-        self.body_start = 0
-        self.ctype = b""
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -67,6 +67,13 @@ class _EchoProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _EchoProtocol(_Protocol):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body_start = 0
+        self.ctype = b""
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -158,19 +165,11 @@ class RawClient:
 # -- the asyncio client ---------------------------------------------------------------------------------
 
 
-class _ClientProtocol(asyncio.Protocol):
+class _ClientProtocol(_Protocol):
     def __init__(self) -> None:
-        self.buf = bytearray()
-        self.need = -1
+        super().__init__()
         self.status = 0
         self.waiter: asyncio.Future[int] | None = None
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but alike
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data

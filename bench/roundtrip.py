@@ -42,7 +42,7 @@ from bench.common import (
     grads_of,
     pid_of,
     sci,
-    table,
+    section_main,
 )
 from bench.floor import TcpEcho, torch_adam
 from bench.rawhttp import RawClient
@@ -186,11 +186,5 @@ def run(quick: bool = False, servers: Servers | None = None) -> Section:
     )
 
 
-def main() -> int:
-    section = run(quick="--quick" in sys.argv)
-    print(table(section.rows, section.columns))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(section_main(run))
