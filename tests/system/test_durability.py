@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import random
 import threading
+from functools import partial
 from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import StepLR
 
 from app.wire import safetensors
+from tests.api.helpers import TorchTwin
 from tests.system.server import Server
 
 ST = "application/vnd.safetensors"
@@ -23,15 +26,10 @@ def grads_for(t: int) -> dict[str, np.ndarray]:
 
 
 def torch_params(init: dict[str, np.ndarray], steps: int) -> dict[str, np.ndarray]:
-    tensors = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in init.items()}
-    opt = torch.optim.Adam(tensors.values(), lr=0.01, amsgrad=True)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.8)
+    twin = TorchTwin(init, torch.optim.Adam, partial(StepLR, step_size=7, gamma=0.8), lr=0.01, amsgrad=True)
     for t in range(steps):
-        for k, g in grads_for(t).items():
-            tensors[k].grad = torch.from_numpy(g)
-        opt.step()
-        sched.step()
-    return {k: v.detach().numpy() for k, v in tensors.items()}
+        twin.step(grads_for(t))
+    return twin.params()
 
 
 def send_step(client: httpx.Client, url: str, t: int) -> httpx.Response:

@@ -12,14 +12,17 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from app.wire import safetensors
+from tests.api.helpers import TorchTwin
 from tests.system.redis_server import RedisServer
 from tests.system.server import Server
 
@@ -82,15 +85,11 @@ def initial() -> dict[str, np.ndarray]:
 
 
 def torch_params(steps: int) -> dict[str, np.ndarray]:
-    tensors = {k: torch.tensor(v, requires_grad=True) for k, v in initial().items()}
-    opt = torch.optim.Adam(tensors.values(), lr=0.01, weight_decay=0.01, amsgrad=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=25, eta_min=0.001)
+    schedule = partial(CosineAnnealingLR, T_max=25, eta_min=0.001)
+    twin = TorchTwin(initial(), torch.optim.Adam, schedule, lr=0.01, weight_decay=0.01, amsgrad=True)
     for t in range(steps):
-        for k, g in grads_for(t).items():
-            tensors[k].grad = torch.from_numpy(g)
-        opt.step()
-        sched.step()
-    return {k: v.detach().numpy() for k, v in tensors.items()}
+        twin.step(grads_for(t))
+    return twin.params()
 
 
 def create_adam_session(url: str) -> str:
