@@ -17,6 +17,11 @@ def ref(name: str) -> dict[str, str]:
 
 # A safetensors body: OpenAPI 3.1 describes raw bytes as a string with a `contentMediaType`; `format: binary`
 # is kept for the tools that still read the 3.0 spelling.
+def _list_of(key: str, item: str) -> dict[str, Any]:
+    """An answer that is one object holding one array, `{key: [item, ...]}`."""
+    return {"type": "object", "required": [key], "properties": {key: {"type": "array", "items": ref(item)}}}
+
+
 BINARY = {"type": "string", "format": "binary", "contentMediaType": SAFETENSORS}
 
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
@@ -200,11 +205,7 @@ COMPONENTS: dict[str, Any] = {
             "time": {"type": "number"},
         },
     },
-    "History": {
-        "type": "object",
-        "required": ["steps"],
-        "properties": {"steps": {"type": "array", "items": ref("HistoryRecord")}},
-    },
+    "History": _list_of("steps", "HistoryRecord"),
     "CatalogueEntry": {
         "type": "object",
         "required": ["name", "description", "hyperparameters"],
@@ -228,16 +229,8 @@ COMPONENTS: dict[str, Any] = {
             },
         },
     },
-    "Optimizers": {
-        "type": "object",
-        "required": ["optimizers"],
-        "properties": {"optimizers": {"type": "array", "items": ref("CatalogueEntry")}},
-    },
-    "Schedulers": {
-        "type": "object",
-        "required": ["schedulers"],
-        "properties": {"schedulers": {"type": "array", "items": ref("CatalogueEntry")}},
-    },
+    "Optimizers": _list_of("optimizers", "CatalogueEntry"),
+    "Schedulers": _list_of("schedulers", "CatalogueEntry"),
     "PreviewResult": {
         "type": "object",
         "required": ["lr"],
