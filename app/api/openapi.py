@@ -150,11 +150,7 @@ COMPONENTS: dict[str, Any] = {
             "metadata": _STRING_MAP,
         },
     },
-    "SessionList": {
-        "type": "object",
-        "required": ["sessions"],
-        "properties": {"sessions": {"type": "array", "items": ref("SessionSummary")}},
-    },
+    "SessionList": _list_of("sessions", "SessionSummary"),
     "Session": {
         "type": "object",
         "required": [
