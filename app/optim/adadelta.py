@@ -24,12 +24,10 @@ class Adadelta(Optimizer):
     )
 
     def check(self, hp: HP, check: Check) -> None:
-        check.require(hp["lr"] >= 0.0, "lr", f"Invalid learning rate: {hp['lr']}")
+        check.non_negative(hp, "lr", "learning rate")
         check.require(0.0 <= hp["rho"] <= 1.0, "rho", f"Invalid rho value: {hp['rho']}")
-        check.require(hp["eps"] >= 0.0, "eps", f"Invalid epsilon value: {hp['eps']}")
-        check.require(
-            hp["weight_decay"] >= 0.0, "weight_decay", f"Invalid weight_decay value: {hp['weight_decay']}"
-        )
+        check.non_negative(hp, "eps", "epsilon value")
+        check.non_negative(hp, "weight_decay", "weight_decay value")
 
     def init_state(self, param: Array, hp: HP) -> State:
         return {"step": new_step(), "square_avg": np.zeros_like(param), "acc_delta": np.zeros_like(param)}

@@ -25,17 +25,11 @@ class Adagrad(Optimizer):
     )
 
     def check(self, hp: HP, check: Check) -> None:
-        check.require(hp["lr"] >= 0.0, "lr", f"Invalid learning rate: {hp['lr']}")
-        check.require(hp["lr_decay"] >= 0.0, "lr_decay", f"Invalid lr_decay value: {hp['lr_decay']}")
-        check.require(
-            hp["weight_decay"] >= 0.0, "weight_decay", f"Invalid weight_decay value: {hp['weight_decay']}"
-        )
-        check.require(
-            hp["initial_accumulator_value"] >= 0.0,
-            "initial_accumulator_value",
-            f"Invalid initial_accumulator_value value: {hp['initial_accumulator_value']}",
-        )
-        check.require(hp["eps"] >= 0.0, "eps", f"Invalid epsilon value: {hp['eps']}")
+        check.non_negative(hp, "lr", "learning rate")
+        check.non_negative(hp, "lr_decay", "lr_decay value")
+        check.non_negative(hp, "weight_decay", "weight_decay value")
+        check.non_negative(hp, "initial_accumulator_value", "initial_accumulator_value value")
+        check.non_negative(hp, "eps", "epsilon value")
 
     def init_state(self, param: Array, hp: HP) -> State:
         return {"step": new_step(), "sum": np.full_like(param, hp["initial_accumulator_value"])}

@@ -29,10 +29,8 @@ class ASGD(Optimizer):
     )
 
     def check(self, hp: HP, check: Check) -> None:
-        check.require(hp["lr"] >= 0.0, "lr", f"Invalid learning rate: {hp['lr']}")
-        check.require(
-            hp["weight_decay"] >= 0.0, "weight_decay", f"Invalid weight_decay value: {hp['weight_decay']}"
-        )
+        check.non_negative(hp, "lr", "learning rate")
+        check.non_negative(hp, "weight_decay", "weight_decay value")
 
     def init_state(self, param: Array, hp: HP) -> State:
         return {

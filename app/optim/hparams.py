@@ -204,6 +204,10 @@ class Check:
         if not ok:
             self.errors.append(FieldError(f"{self.prefix}.{name}", message))
 
+    def non_negative(self, hp: Mapping[str, Any], name: str, what: str) -> None:
+        """torch's most common constructor check: `hp[name] >= 0`, else `Invalid {what}: {value}`."""
+        self.require(hp[name] >= 0.0, name, f"Invalid {what}: {hp[name]}")
+
     def done(self) -> None:
         if self.errors:
             raise SpecError(self.errors)

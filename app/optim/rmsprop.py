@@ -26,13 +26,11 @@ class RMSprop(Optimizer):
     )
 
     def check(self, hp: HP, check: Check) -> None:
-        check.require(hp["lr"] >= 0.0, "lr", f"Invalid learning rate: {hp['lr']}")
-        check.require(hp["eps"] >= 0.0, "eps", f"Invalid epsilon value: {hp['eps']}")
-        check.require(hp["momentum"] >= 0.0, "momentum", f"Invalid momentum value: {hp['momentum']}")
-        check.require(
-            hp["weight_decay"] >= 0.0, "weight_decay", f"Invalid weight_decay value: {hp['weight_decay']}"
-        )
-        check.require(hp["alpha"] >= 0.0, "alpha", f"Invalid alpha value: {hp['alpha']}")
+        check.non_negative(hp, "lr", "learning rate")
+        check.non_negative(hp, "eps", "epsilon value")
+        check.non_negative(hp, "momentum", "momentum value")
+        check.non_negative(hp, "weight_decay", "weight_decay value")
+        check.non_negative(hp, "alpha", "alpha value")
 
     def init_state(self, param: Array, hp: HP) -> State:
         state = {"step": new_step(), "square_avg": np.zeros_like(param)}

@@ -26,7 +26,7 @@ class Rprop(Optimizer):
 
     def check(self, hp: HP, check: Check) -> None:
         etaminus, etaplus = hp["etas"]
-        check.require(hp["lr"] >= 0.0, "lr", f"Invalid learning rate: {hp['lr']}")
+        check.non_negative(hp, "lr", "learning rate")
         check.require(0.0 < etaminus < 1.0 < etaplus, "etas", f"Invalid eta values: {etaminus}, {etaplus}")
 
     def init_state(self, param: Array, hp: HP) -> State:

@@ -25,11 +25,9 @@ class SGD(Optimizer):
     )
 
     def check(self, hp: HP, check: Check) -> None:
-        check.require(hp["lr"] >= 0.0, "lr", f"Invalid learning rate: {hp['lr']}")
-        check.require(hp["momentum"] >= 0.0, "momentum", f"Invalid momentum value: {hp['momentum']}")
-        check.require(
-            hp["weight_decay"] >= 0.0, "weight_decay", f"Invalid weight_decay value: {hp['weight_decay']}"
-        )
+        check.non_negative(hp, "lr", "learning rate")
+        check.non_negative(hp, "momentum", "momentum value")
+        check.non_negative(hp, "weight_decay", "weight_decay value")
         check.require(
             not hp["nesterov"] or (hp["momentum"] > 0 and hp["dampening"] == 0),
             "nesterov",
