@@ -43,8 +43,11 @@ lint: install-test
 typecheck: install-test
 	$(BIN)/mypy
 
+# the whole suite at the CPU dispatch level torch picks here, then the numerics tests (tests/optim) again
+# under every other level this CPU offers: torch's float results differ by ulps between them
 test: install-test lint typecheck
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m tests.optim.levels
 
 bench: install-test
 	$(BIN)/python -m bench

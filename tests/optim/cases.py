@@ -25,6 +25,7 @@ from app.optim.registry import get_optimizer
 from tests.optim.oracle import (
     DEFAULT_SHAPES,
     assert_matches_torch,
+    assert_one_step_matches_torch,
     gradient,
     initial_params,
     run_ours,
@@ -119,6 +120,13 @@ def contract(table: Table) -> type:
         @pytest.mark.parametrize("options", table.cases, ids=spec_id)
         def test_matches_torch_for_200_steps(self, options: Spec, dtype: type) -> None:
             assert_matches_torch(spec(options), torch_cls, dtype=dtype)
+
+        @pytest.mark.usefixtures("path")
+        @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+        @pytest.mark.parametrize("options", table.cases, ids=spec_id)
+        def test_one_step_from_a_shared_state_matches_torch(self, options: Spec, dtype: type) -> None:
+            """Nothing to amplify: what a trajectory test loosens for, this one holds to a few ulps."""
+            assert_one_step_matches_torch(spec(options), torch_cls, dtype=dtype, shapes=WIDE_SHAPES)
 
         if table.wide:
 

@@ -8,7 +8,7 @@ import torch
 
 from app.optim.adafactor import Adafactor, torch_sum
 from app.optim.hparams import SpecError, parse
-from tests.optim.oracle import assert_matches_torch, initial_params, run_ours
+from tests.optim.oracle import assert_matches_torch, assert_one_step_matches_torch, initial_params, run_ours
 
 # 1-D (full variance), 2-D with rows > cols and rows < cols, a 3-D parameter (factored over the last
 # two axes) and one long enough that torch's sums take their vectorized path
@@ -42,6 +42,12 @@ def _id(spec: dict) -> str:
 @pytest.mark.parametrize("spec", CASES, ids=_id)
 def test_adafactor_matches_torch_for_200_steps(spec: dict, dtype: type) -> None:
     assert_matches_torch(spec, torch.optim.Adafactor, dtype=dtype, shapes=SHAPES)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("spec", CASES, ids=_id)
+def test_adafactor_one_step_from_a_shared_state_matches_torch(spec: dict, dtype: type) -> None:
+    assert_one_step_matches_torch(spec, torch.optim.Adafactor, dtype=dtype, shapes=SHAPES)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

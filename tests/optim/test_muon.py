@@ -9,7 +9,7 @@ from torch.optim._muon import _zeropower_via_newtonschulz
 
 from app.optim.hparams import SpecError
 from app.optim.muon import Muon, zeropower_via_newtonschulz
-from tests.optim.oracle import assert_matches_torch, initial_params, run_ours
+from tests.optim.oracle import assert_matches_torch, assert_one_step_matches_torch, initial_params, run_ours
 
 # Rows < cols and rows > cols (torch transposes those, which changes the GEMM kernel ATen picks), a
 # single row, and inner dimensions past 16 and 64 that reach the vectorized dot's blocked loops. Every
@@ -39,6 +39,12 @@ def test_muon_matches_torch_for_200_steps(spec: dict, dtype: type) -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("spec", CASES, ids=_id)
+def test_muon_one_step_from_a_shared_state_matches_torch(spec: dict, dtype: type) -> None:
+    assert_one_step_matches_torch(spec, torch.optim.Muon, dtype=dtype, shapes=SHAPES)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_muon_with_skipped_gradients_matches_torch(dtype: type) -> None:
     assert_matches_torch(
         {"name": "muon", "lr": 0.02}, torch.optim.Muon, dtype=dtype, shapes=SHAPES, skip_every=3
@@ -57,13 +63,10 @@ def test_muon_param_groups_override_hyperparameters(dtype: type) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="above m*n*k = 4096 torch hands the bfloat16 GEMM to oneDNN, whose JIT kernel sums in an "
-    "order that depends on the CPU; measured on an AMX/AVX512-BF16 Xeon for (32, 64): float32 leaves "
-    "the tolerance at step 5 (max |diff| / max |param| = 2e-5), 6e-4 after 200 steps",
-)
 def test_muon_large_matrix_matches_torch() -> None:
+    """Above m*n*k = 4096 torch hands the bfloat16 GEMM to oneDNN, whose kernel sums in an order that
+    depends on the CPU and dispatch level, and ours sums in OpenBLAS's float32 order, which depends on the
+    CPU too: torch's own levels part by 904x the contract here (spread.json), and so may we."""
     assert_matches_torch(
         {"name": "muon", "lr": 0.02}, torch.optim.Muon, dtype=np.float32, shapes={"w": (32, 64)}
     )
