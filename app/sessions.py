@@ -1,8 +1,14 @@
 """The use cases: create, step (ordering, idempotency, atomic commit), params, checkpoint, restore.
 
-No HTTP here: failures are domain errors that `app.api.errors` maps to problem+json. Every step runs
+No HTTP here: failures are domain errors that `app.api.errors` maps to problem+json. Every write runs
 under the session's lock in this process and commits compare-and-set in the store, so with one process
 or many sharing a store, steps apply one at a time, none lost, none twice.
+
+A write is one transaction (`_transact`): everything that can fail (validation, the update, the
+scheduler, rendering the answer) runs on a new engine built beside the cached one, which no step ever
+changes; the store then commits the new record, history row and idempotency record together; and only
+then does the cache swap to the new engine. A failure at any stage leaves the session as it was, in the
+store and in the cache, so a retry applies the step once.
 """
 
 from __future__ import annotations
@@ -18,11 +24,20 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import anyio
+import orjson
 
 from app.optim.base import Array
 from app.optim.engine import Engine, StepOutcome
 from app.optim.hparams import SpecError
-from app.store.base import HistoryRow, IdempotencyRecord, SessionMeta, Store, StoreError
+from app.store.base import (
+    CorruptRecord,
+    HistoryRow,
+    IdempotencyRecord,
+    SessionMeta,
+    SessionRecord,
+    Store,
+    StoreError,
+)
 
 T = TypeVar("T")
 Render = Callable[[StepOutcome, Mapping[str, Array], bool], T]
@@ -52,6 +67,31 @@ class StepConflict(Exception):
 
 class IdempotencyConflict(ValueError):
     """An Idempotency-Key was reused with a different request body."""
+
+
+class UnreadableSession(Exception):
+    """A stored session this server cannot load (damaged, or from a newer version); it can be deleted."""
+
+    def __init__(self, session_id: str, reason: str) -> None:
+        self.session_id = session_id
+        super().__init__(
+            f"session {session_id!r} is stored but cannot be loaded by this server ({reason}); "
+            "DELETE removes it"
+        )
+
+
+@dataclass(frozen=True)
+class Written:
+    """What one write leaves behind: the new engine, and the rows that commit with it."""
+
+    engine: Engine
+    history: HistoryRow | None = None
+    idempotency: IdempotencyRecord | None = None
+
+
+def record_of(meta: SessionMeta, engine: Engine) -> SessionRecord:
+    tensors, description = engine.snapshot()
+    return SessionRecord(meta, description, tensors)
 
 
 @dataclass(frozen=True)
@@ -155,20 +195,69 @@ class SessionService:
             if version != cached[0].version:
                 cached = None
         if cached is None:
-            loaded = await self._guard(self.store.load(session_id))
-            if loaded is None:
+            try:
+                record = await self._guard(self.store.load(session_id))
+            except CorruptRecord as exc:
+                meta = await self._meta(tenant, session_id)
+                raise UnreadableSession(meta.id, exc.reason) from None
+            if record is None:
                 self._forget(session_id)
                 raise NotFound(session_id)
-            cached = loaded
+            await self._check_owner(tenant, record.meta)
+            try:
+                engine = await anyio.to_thread.run_sync(Engine.restore, record.tensors, record.engine)
+            except SpecError as exc:
+                raise UnreadableSession(session_id, str(exc)) from None
+            cached = (record.meta, engine)
             self._remember(*cached)
         meta, engine = cached
-        if meta.tenant != tenant:
-            raise NotFound(session_id)
-        if self.ttl is not None and self.clock() - meta.updated_at > self.ttl:
-            await self._guard(self.store.delete(session_id))
-            self._forget(session_id)
-            raise NotFound(session_id)
+        await self._check_owner(tenant, meta)
         return meta, engine
+
+    async def _check_owner(self, tenant: str, meta: SessionMeta) -> None:
+        """NotFound for another tenant's session, and for one idle past the TTL (which goes now)."""
+        if meta.tenant != tenant:
+            raise NotFound(meta.id)
+        if self.ttl is not None and self.clock() - meta.updated_at > self.ttl:
+            await self._guard(self.store.delete(meta.id))
+            self._forget(meta.id)
+            raise NotFound(meta.id)
+
+    async def _meta(self, tenant: str, session_id: str) -> SessionMeta:
+        """The session's meta alone, checked for its owner: what works even when the rest cannot load."""
+        meta = await self._guard(self.store.meta(session_id))
+        if meta is None:
+            raise NotFound(session_id)
+        await self._check_owner(tenant, meta)
+        return meta
+
+    async def _transact(
+        self, tenant: str, session_id: str, write: Callable[[SessionMeta, Engine], Awaitable[Written | T]]
+    ) -> T | SessionInfo:
+        """One write of a session: `write` computes it from the current meta and engine without changing
+        them (or returns an answer instead, e.g. an idempotent replay); the store commits it compare-and-
+        set; then, and only then, the cache moves to the new engine. Another process committing first
+        means reload and redo; any exception leaves the session as it was in the cache."""
+        async with self._lock(session_id):
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                meta, engine = await self._load(tenant, session_id)
+                written = await write(meta, engine)
+                if not isinstance(written, Written):
+                    return written
+                new_meta = replace(meta, updated_at=self.clock(), version=meta.version + 1)
+                record = record_of(new_meta, written.engine)
+                try:
+                    committed = await self._guard(
+                        self.store.commit(record, meta.version, written.history, written.idempotency)
+                    )
+                except BaseException:
+                    self._forget(session_id)  # the store may hold either state now: reload from it
+                    raise
+                if committed:
+                    self._remember(new_meta, written.engine)  # the one line after which the session moved
+                    return SessionInfo(new_meta, written.engine.step_count, written.engine.lr, {})
+                self._forget(session_id)
+            raise StoreError(f"session {session_id!r}: too much contention, nothing was written")
 
     # -- use cases --------------------------------------------------------------------------------
 
@@ -204,11 +293,15 @@ class SessionService:
         return await self._insert(tenant, engine, user_meta)
 
     async def _insert(self, tenant: str, engine: Engine, metadata: Mapping[str, str]) -> SessionInfo:
+        """Stores a new session and answers it, or (on any failure) stores nothing: the answer is made
+        before the store is written."""
         now = self.clock()
         meta = SessionMeta(new_session_id(), tenant, now, now, dict(metadata), version=0)
-        await self._guard(self.store.create(meta, engine))
+        info = SessionInfo(meta, engine.step_count, engine.lr, engine.describe())
+        orjson.dumps(info.to_json())  # every float in it is finite and every key a string, or ValueError now
+        await self._guard(self.store.create(record_of(meta, engine)))
         self._remember(meta, engine)
-        return SessionInfo(meta, engine.step_count, engine.lr, engine.describe())
+        return info
 
     async def get(self, tenant: str, session_id: str) -> SessionInfo:
         async with self._lock(session_id):
@@ -233,54 +326,43 @@ class SessionService:
         idempotency_key: str | None = None,
         fingerprint: str = "",
     ) -> T:
-        """Applies one step and renders the answer while the session is still at that step."""
-        async with self._lock(session_id):
-            for _ in range(MAX_COMMIT_ATTEMPTS):
-                meta, engine = await self._load(tenant, session_id)
-                if idempotency_key is not None:
-                    record = await self._guard(self.store.idempotency(session_id, idempotency_key))
-                    if record is not None:
-                        if record.fingerprint != fingerprint:
-                            raise IdempotencyConflict(
-                                f"Idempotency-Key {idempotency_key!r} was first used with a different body"
-                            )
-                        replayed = StepOutcome(
-                            record.step, record.lr, record.skipped, record.grad_norm or 0.0
+        """Applies one step and renders the answer from the new engine before anything is committed."""
+
+        async def write(meta: SessionMeta, engine: Engine) -> Written | T:
+            if idempotency_key is not None:
+                record = await self._guard(self.store.idempotency(session_id, idempotency_key))
+                if record is not None:
+                    if record.fingerprint != fingerprint:
+                        raise IdempotencyConflict(
+                            f"Idempotency-Key {idempotency_key!r} was first used with a different body"
                         )
-                        return render(replayed, engine.params, True)
-                if expected_step is not None and expected_step != engine.step_count:
-                    raise StepConflict(expected_step, engine.step_count)
+                    replayed = StepOutcome(record.step, record.lr, record.skipped, record.grad_norm or 0.0)
+                    return render(replayed, engine.params, True)
+            if expected_step is not None and expected_step != engine.step_count:
+                raise StepConflict(expected_step, engine.step_count)
 
-                def work(engine: Engine = engine) -> tuple[StepOutcome, T]:
-                    # prepare validates without side effects; only then does apply mutate
-                    outcome = engine.apply(engine.prepare(grads, loss))
-                    return outcome, render(outcome, engine.params, False)
+            def work() -> tuple[Engine, StepOutcome, T]:
+                following, outcome = engine.advance(engine.prepare(grads, loss))
+                return following, outcome, render(outcome, following.params, False)
 
-                outcome, answer = await self._run(engine, work)
-                now = self.clock()
-                new_meta = replace(meta, updated_at=now, version=meta.version + 1)
-                grad_norm = None if outcome.skipped else outcome.grad_norm
-                history = HistoryRow(outcome.step, outcome.lr, loss, grad_norm, outcome.skipped, now)
-                record = (
-                    None
-                    if idempotency_key is None
-                    else IdempotencyRecord(
-                        idempotency_key, fingerprint, outcome.step, outcome.lr, outcome.skipped, grad_norm
-                    )
+            following, outcome, answer = await self._run(engine, work)
+            answers.append((outcome, answer))
+            grad_norm = None if outcome.skipped else outcome.grad_norm
+            history = HistoryRow(outcome.step, outcome.lr, loss, grad_norm, outcome.skipped, self.clock())
+            keyed = None
+            if idempotency_key is not None:
+                keyed = IdempotencyRecord(
+                    idempotency_key, fingerprint, outcome.step, outcome.lr, outcome.skipped, grad_norm
                 )
-                try:
-                    committed = await self._guard(
-                        self.store.commit(new_meta, engine, meta.version, history, record)
-                    )
-                except BaseException:
-                    self._forget(session_id)  # the cached engine moved ahead of the store
-                    raise
-                if committed:
-                    self._remember(new_meta, engine)
-                    self.on_step(outcome)
-                    return answer
-                self._forget(session_id)  # another process committed first: reload, redo
-            raise StoreError(f"session {session_id!r}: too much contention, step not applied")
+            return Written(following, history, keyed)
+
+        answers: list[tuple[StepOutcome, T]] = []
+        result = await self._transact(tenant, session_id, write)
+        if not isinstance(result, SessionInfo):
+            return result  # replayed
+        outcome, answer = answers[-1]
+        self.on_step(outcome)
+        return answer
 
     async def params(
         self, tenant: str, session_id: str, render: Callable[[int, Mapping[str, Array]], T]
@@ -290,24 +372,14 @@ class SessionService:
             return render(engine.step_count, engine.params)
 
     async def put_params(self, tenant: str, session_id: str, values: Mapping[str, Array]) -> SessionInfo:
-        async with self._lock(session_id):
-            for _ in range(MAX_COMMIT_ATTEMPTS):
-                meta, engine = await self._load(tenant, session_id)
-                engine.check_tensors(values, "params")
-                await self._run(engine, lambda engine=engine: engine.set_params(values))  # type: ignore[misc]
-                new_meta = replace(meta, updated_at=self.clock(), version=meta.version + 1)
-                try:
-                    committed = await self._guard(
-                        self.store.commit(new_meta, engine, meta.version, None, None)
-                    )
-                except BaseException:
-                    self._forget(session_id)
-                    raise
-                if committed:
-                    self._remember(new_meta, engine)
-                    return SessionInfo(new_meta, engine.step_count, engine.lr, engine.describe())
-                self._forget(session_id)
-            raise StoreError(f"session {session_id!r}: too much contention, parameters not written")
+        async def write(meta: SessionMeta, engine: Engine) -> Written:
+            engine.check_tensors(values, "params")
+            return Written(await self._run(engine, lambda: engine.with_params(values)))
+
+        info = await self._transact(tenant, session_id, write)
+        assert isinstance(info, SessionInfo)
+        _, engine = self._cache[session_id]
+        return replace(info, description=engine.describe())
 
     async def checkpoint(
         self, tenant: str, session_id: str, render: Callable[[Mapping[str, Array], dict[str, str]], T]
@@ -326,8 +398,9 @@ class SessionService:
         return [row.to_json() for row in rows]
 
     async def delete(self, tenant: str, session_id: str) -> None:
+        """Needs only the session's meta: a session whose numerics cannot be loaded can still go."""
         async with self._lock(session_id):
-            await self._load(tenant, session_id)
+            await self._meta(tenant, session_id)
             await self._guard(self.store.delete(session_id))
             self._forget(session_id)
 

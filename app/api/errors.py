@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from app.optim.engine import StepError
 from app.optim.hparams import SpecError
-from app.sessions import IdempotencyConflict, NotFound, StepConflict
+from app.sessions import IdempotencyConflict, NotFound, StepConflict, UnreadableSession
 from app.store.base import StoreError
 from app.wire.errors import WireError
 from app.wire.jsontensor import dumps
@@ -70,6 +70,8 @@ def to_problem(exc: Exception) -> Response:
         return problem(409, "Step conflict", str(exc), current_step=exc.current)
     if isinstance(exc, IdempotencyConflict):
         return problem(422, "Idempotency key reused", str(exc))
+    if isinstance(exc, UnreadableSession):
+        return problem(422, "Unreadable session", str(exc), session_id=exc.session_id)
     if isinstance(exc, StoreError):
         return problem(503, "Store unavailable", str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, ApiError):
@@ -103,6 +105,7 @@ def install(app: FastAPI) -> None:
         NotFound,
         StepConflict,
         IdempotencyConflict,
+        UnreadableSession,
         StoreError,
         ApiError,
     ):

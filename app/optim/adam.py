@@ -100,30 +100,47 @@ class Adam(Optimizer):
         self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
     ) -> None:
         """Per parameter: the fused kernel where `fused.usable`, else the numpy reference."""
-        beta1, beta2 = hp["betas"]
         for param, grad, state in zip(params, grads, states, strict=True):
-            max_exp_avg_sq = state["max_exp_avg_sq"] if hp["amsgrad"] else None
-            if not fused.usable(param, grad, state["exp_avg"], state["exp_avg_sq"], max_exp_avg_sq):
+            if self._fast(param, grad, state, hp):
+                self._fused(param, grad, state, hp, param, state)
+            else:
                 self._update_reference([param], [grad], [state], hp)
-                continue
-            state["step"] += 1
-            step_size, bias_correction2_sqrt = _adam_scalars(hp["lr"], beta1, beta2, float(state["step"]))
-            fused.adam_(
-                param,
-                grad,
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                max_exp_avg_sq,
-                lr=hp["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=hp["eps"],
-                weight_decay=hp["weight_decay"],
-                decoupled=self.decoupled(hp),
-                maximize=hp["maximize"],
-                step_size=step_size,
-                bias_correction2_sqrt=bias_correction2_sqrt,
-            )
+
+    def kernel_into(self, param: Array, grad: Array, state: State, hp: HP) -> tuple[Array, State] | None:
+        if not self._fast(param, grad, state, hp):
+            return None
+        new_param, new_state = np.empty_like(param), {k: np.empty_like(v) for k, v in state.items()}
+        self._fused(param, grad, state, hp, new_param, new_state)
+        return new_param, new_state
+
+    @staticmethod
+    def _fast(param: Array, grad: Array, state: State, hp: HP) -> bool:
+        max_exp_avg_sq = state["max_exp_avg_sq"] if hp["amsgrad"] else None
+        return fused.usable(param, grad, state["exp_avg"], state["exp_avg_sq"], max_exp_avg_sq)
+
+    def _fused(self, param: Array, grad: Array, state: State, hp: HP, new_param: Array, new: State) -> None:
+        """One step through the kernel from `param`/`state` into `new_param`/`new` (the same, in place)."""
+        beta1, beta2 = hp["betas"]
+        new["step"][()] = state["step"] + 1
+        step_size, bias_correction2_sqrt = _adam_scalars(hp["lr"], beta1, beta2, float(new["step"]))
+        amsgrad = hp["amsgrad"]
+        fused.adam_(
+            param,
+            grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            state["max_exp_avg_sq"] if amsgrad else None,
+            lr=hp["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=hp["eps"],
+            weight_decay=hp["weight_decay"],
+            decoupled=self.decoupled(hp),
+            maximize=hp["maximize"],
+            step_size=step_size,
+            bias_correction2_sqrt=bias_correction2_sqrt,
+            out=(new_param, new["exp_avg"], new["exp_avg_sq"], new["max_exp_avg_sq"] if amsgrad else None),
+        )
 
     def _update_reference(
         self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP

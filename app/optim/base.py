@@ -58,3 +58,24 @@ class Optimizer(ABC):
 
         Only the parameters that received a gradient this step are passed, as torch skips `grad is None`.
         """
+
+    def step_into(
+        self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
+    ) -> tuple[list[Array], list[State]]:
+        """One step into fresh arrays, `params` and `states` left as they were, so that a step can still
+        be refused after it was computed with nothing to undo: per parameter, `kernel_into` where it
+        takes it, else `update` on copies."""
+        new_params, new_states = [], []
+        for param, grad, state in zip(params, grads, states, strict=True):
+            fresh = self.kernel_into(param, grad, state, hp)
+            if fresh is None:
+                fresh = param.copy(), {slot: v.copy() for slot, v in state.items()}
+                self.update([fresh[0]], [grad], [fresh[1]], hp)
+            new_params.append(fresh[0])
+            new_states.append(fresh[1])
+        return new_params, new_states
+
+    def kernel_into(self, param: Array, grad: Array, state: State, hp: HP) -> tuple[Array, State] | None:
+        """One parameter's step by a kernel that reads the old arrays and writes new ones (no copy
+        first), or None where there is none for it."""
+        return None

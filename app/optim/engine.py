@@ -1,7 +1,10 @@
 """One training run's numerics: parameters, optimizer state, groups and scheduler, stepped as torch would.
 
-`Engine.prepare` validates a step without touching anything; `Engine.apply` then mutates in place and
-cannot fail on user input, so a rejected step changes nothing. `snapshot`/`restore` turn an engine into
+An engine is never changed once built: `advance` computes the next engine beside it (fresh arrays for
+what the step writes, the same arrays for what it does not), and everything that can fail (validation,
+the update, non-finite results, the scheduler's arithmetic) fails before the caller has anything to
+swap in. So a step that fails at any stage leaves the session as it was with nothing to undo, and the
+caller's swap to the new engine is its one point of change. `snapshot`/`restore` turn an engine into
 named arrays plus JSON metadata (no pickle) and back, bit-exactly.
 """
 
@@ -24,6 +27,8 @@ from app.optim.schedulers import Scheduler, build_scheduler, filled_spec
 
 PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 SNAPSHOT_FORMAT = 1
+# Step counts stay exact as JSON numbers in every language (IEEE doubles) and far from SQLite's int64.
+MAX_STEP = 2**53
 
 SESSION_OPTIONS = (
     HParam("steps_per_epoch", "int", 1, "optimizer steps per scheduler advance"),
@@ -31,7 +36,14 @@ SESSION_OPTIONS = (
     HParam(
         "clip_grad_value", "float", None, "clamp each gradient to [-v, v] (clip_grad_value_)", nullable=True
     ),
-    HParam("nonfinite", "str", "error", "what a NaN/Inf gradient does", choices=("error", "skip")),
+    HParam(
+        "nonfinite",
+        "str",
+        "error",
+        "a NaN/Inf gradient, or a step that would make a parameter or state value NaN/Inf: 'error' "
+        "refuses the step (422), 'skip' skips it, 'allow' applies it as torch would",
+        choices=("error", "skip", "allow"),
+    ),
 )
 
 
@@ -79,7 +91,9 @@ class Engine:
         scheduler: Scheduler | None,
         step: int = 0,
         losses: list[float] | None = None,
+        sizes: Engine | None = None,
     ) -> None:
+        """`sizes`: an engine with the same shapes, whose element and byte counts are taken over."""
         self.options = options
         self.optimizer = get_optimizer(options["optimizer"]["name"])
         self.params = params
@@ -89,6 +103,11 @@ class Engine:
         self.scheduler = scheduler
         self.step_count = step
         self.losses: list[float] = losses or []
+        self.numel: int
+        self.nbytes: int
+        if sizes is not None:
+            self.numel, self.nbytes = sizes.numel, sizes.nbytes
+            return
         self.numel = sum(p.size for p in params.values())
         state_bytes = sum(v.nbytes for slots in states.values() for v in slots.values())
         self.nbytes = sum(p.nbytes for p in params.values()) + state_bytes
@@ -280,47 +299,79 @@ class Engine:
             values = clip.clip_by_norm(values, self.options["clip_grad_norm"], norm)
         return PreparedStep(dict(zip(names, values, strict=True)), loss, grad_norm, skipped=False)
 
-    def apply(self, prepared: PreparedStep) -> StepOutcome:
-        """Applies a prepared step in place: optimizer update, step count, scheduler advance."""
+    def advance(self, prepared: PreparedStep) -> tuple[Engine, StepOutcome]:
+        """The engine after a prepared step, and the step's outcome; this engine is left as it was.
+
+        Raises StepError, and changes nothing, for a step past MAX_STEP, a result that is not finite
+        (unless `nonfinite` is 'allow'; 'skip' skips the step instead) and a scheduler advance that fails
+        or yields a learning rate that is not a finite number >= 0.
+        """
         if prepared.skipped:
-            return StepOutcome(self.step_count, self.lr, True, prepared.grad_norm)
+            return self, StepOutcome(self.step_count, self.lr, True, prepared.grad_norm)
+        step = self.step_count + 1
+        if step > MAX_STEP:
+            raise StepError("step", f"the session is at step {self.step_count}, the most a session may take")
+        params, states = dict(self.params), dict(self.states)
         grads = prepared.grads
         for names, hp in zip(self.group_params, self.groups, strict=True):
             present = [n for n in names if n in grads]
             if present:
-                self.optimizer.update(
-                    [self.params[n] for n in present],
+                new_params, new_states = self.optimizer.step_into(
+                    [params[n] for n in present],
                     [grads[n] for n in present],
-                    [self.states[n] for n in present],
+                    [states[n] for n in present],
                     hp,
                 )
-        self.step_count += 1
-        if prepared.loss is not None:
-            self.losses.append(prepared.loss)
-        if self.step_count % self.options["steps_per_epoch"] == 0:
-            if self.scheduler is not None:
-                metric = sum(self.losses) / len(self.losses) if self.scheduler.needs_metric else None
-                self.scheduler.step(metric)
-            self.losses.clear()
-        return StepOutcome(self.step_count, self.lr, False, prepared.grad_norm)
+                params.update(zip(present, new_params, strict=True))
+                states.update(zip(present, new_states, strict=True))
+        if self.options["nonfinite"] != "allow":
+            bad = _first_nonfinite(params, states, grads)
+            if bad is not None and self.options["nonfinite"] == "skip":
+                return self, StepOutcome(self.step_count, self.lr, True, prepared.grad_norm)
+            if bad is not None:
+                raise StepError(
+                    bad,
+                    f"this step would make it NaN or Infinity (lr {self.lr}); nothing was applied "
+                    "(session option nonfinite='error'; 'skip' skips such steps, 'allow' applies them)",
+                )
+        losses = self.losses if prepared.loss is None else [*self.losses, prepared.loss]
+        groups, scheduler = self.groups, self.scheduler
+        if step % self.options["steps_per_epoch"] == 0:
+            if scheduler is not None:
+                groups, scheduler = _advanced_schedule(scheduler, groups, losses)
+            losses = []
+        following = Engine(
+            self.options, params, states, groups, self.group_params, scheduler, step, losses, sizes=self
+        )
+        return following, StepOutcome(step, following.lr, False, prepared.grad_norm)
 
-    def step(self, grads: Mapping[str, Array], loss: float | None = None) -> StepOutcome:
-        return self.apply(self.prepare(grads, loss))
+    def step(self, grads: Mapping[str, Array], loss: float | None = None) -> tuple[Engine, StepOutcome]:
+        return self.advance(self.prepare(grads, loss))
 
-    def set_params(self, values: Mapping[str, Array]) -> None:
-        """Overwrites parameters (same names and shapes); optimizer state and step are kept."""
+    def with_params(self, values: Mapping[str, Array]) -> Engine:
+        """The engine with some parameters overwritten (same names and shapes); state and step kept."""
         self.check_tensors(values, "params")
         # Checked after the cast to the parameter's dtype: a float64 beyond float32's range becomes inf.
         with np.errstate(over="ignore"):
-            cast = {name: value.astype(self.params[name].dtype, copy=False) for name, value in values.items()}
+            cast = {name: value.astype(self.params[name].dtype) for name, value in values.items()}
         for name, value in cast.items():
             if not np.isfinite(value).all():
                 dtype = self.params[name].dtype.name
                 raise StepError(
                     f"params.{name}", f"contains NaN or Infinity, or a value out of range for {dtype}"
                 )
-        for name, value in cast.items():
-            np.copyto(self.params[name], value)
+        params = {name: cast.get(name, value) for name, value in self.params.items()}
+        return Engine(
+            self.options,
+            params,
+            self.states,
+            self.groups,
+            self.group_params,
+            self.scheduler,
+            self.step_count,
+            self.losses,
+            sizes=self,
+        )
 
     # -- persistence ------------------------------------------------------------------------------
 
@@ -443,6 +494,48 @@ class Engine:
             probe.bind(groups)
             probe.step(0.0)
         orjson.dumps([self.describe(), self.snapshot()[1]])  # what the session will answer and store
+
+
+def _all_finite(a: Array) -> bool:
+    # the sum is finite for finite values unless it overflows, which only the exact check tells apart
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())
+
+
+def _first_nonfinite(
+    params: Mapping[str, Array], states: Mapping[str, State], written: Mapping[str, Array]
+) -> str | None:
+    """The first parameter or state slot a step wrote that holds NaN or Infinity, named as a field."""
+    for name in written:
+        if not _all_finite(params[name]):
+            return f"params.{name}"
+        for slot, value in states[name].items():
+            if value.dtype.kind == "f" and not _all_finite(value):
+                return f"state.{name}.{slot}"
+    return None
+
+
+def _advanced_schedule(
+    scheduler: Scheduler, groups: list[dict[str, Any]], losses: list[float]
+) -> tuple[list[dict[str, Any]], Scheduler]:
+    """The groups and scheduler after one scheduler advance, computed on copies: the originals stay."""
+    groups = [dict(g) for g in groups]
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.bind(groups)
+    metric = sum(losses) / len(losses) if scheduler.needs_metric else None
+    try:
+        scheduler.step(metric)
+    except (ArithmeticError, ValueError) as exc:
+        raise StepError("scheduler", f"{scheduler.name} cannot advance: {exc}; nothing was applied") from None
+    for i, group in enumerate(groups):
+        lr = group["lr"]
+        if not (isinstance(lr, float | int) and math.isfinite(lr) and lr >= 0):
+            raise StepError(
+                "scheduler",
+                f"{scheduler.name} would set group {i}'s lr to {lr!r}, not a finite number >= 0; "
+                "nothing was applied",
+            )
+    return groups, scheduler
 
 
 def preview_schedule(

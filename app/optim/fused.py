@@ -54,6 +54,10 @@ def _flat(a: Array) -> Array:
     return a.reshape(-1)  # a view: every array here is C-contiguous
 
 
+def _optional(a: Array | None, dtype: np.dtype[Any]) -> Array:
+    return _EMPTY[dtype] if a is None else _flat(a)
+
+
 def _flat_read_only(a: Array) -> Array:
     # numba specializes on writeability; a read-only view keeps one signature per dtype and the promise
     view = a.reshape(-1)
@@ -80,20 +84,29 @@ def adam_(
     maximize: bool,
     step_size: float,
     bias_correction2_sqrt: float,
+    out: tuple[Array, Array, Array, Array | None] | None = None,
 ) -> None:
-    """One Adam/AdamW step of one parameter in place, `step` already bumped; AMSGrad when `max_exp_avg_sq`.
+    """One Adam/AdamW step of one parameter, `step` already bumped; AMSGrad when `max_exp_avg_sq`.
 
-    Scalars are rounded to the array dtype where torch rounds them (its CPU kernels take scalar operands in
-    the tensor's dtype), so the loop does float32 arithmetic on float32 arrays.
+    In place, or into `out` = (param, exp_avg, exp_avg_sq, max_exp_avg_sq) of the same shapes, leaving the
+    inputs as they were. Scalars are rounded to the array dtype where torch rounds them (its CPU kernels
+    take scalar operands in the tensor's dtype), so the loop does float32 arithmetic on float32 arrays.
     """
     t = param.dtype.type
     lerp_weight = t(1 - beta1)
+    param_out, exp_avg_out, exp_avg_sq_out, max_out = (
+        (param, exp_avg, exp_avg_sq, max_exp_avg_sq) if out is None else out
+    )
     _adam_kernel(
         _flat(param),
         _flat_read_only(grad),
         _flat(exp_avg),
         _flat(exp_avg_sq),
-        _EMPTY[param.dtype] if max_exp_avg_sq is None else _flat(max_exp_avg_sq),
+        _optional(max_exp_avg_sq, param.dtype),
+        _flat(param_out),
+        _flat(exp_avg_out),
+        _flat(exp_avg_sq_out),
+        _optional(max_out, param.dtype),
         bool(maximize),
         weight_decay != 0 and not decoupled,
         weight_decay != 0 and bool(decoupled),
@@ -123,17 +136,21 @@ def sgd_(
     nesterov: bool,
     maximize: bool,
     first_step: bool,
+    out: tuple[Array, Array | None] | None = None,
 ) -> None:
-    """One SGD step of one parameter in place; `momentum_buffer` is required when `momentum != 0` and is
-    overwritten with the gradient on the first step, as torch creates it."""
+    """One SGD step of one parameter, in place or into `out` = (param, momentum_buffer); the buffer is
+    required when `momentum != 0` and is set to the gradient on the first step, as torch creates it."""
     t = param.dtype.type
     has_momentum = momentum != 0
     if has_momentum and momentum_buffer is None:
         raise ValueError("SGD with momentum needs a momentum buffer")
+    param_out, buffer_out = (param, momentum_buffer) if out is None else out
     _sgd_kernel(
         _flat(param),
         _flat_read_only(grad),
-        _EMPTY[param.dtype] if momentum_buffer is None else _flat(momentum_buffer),
+        _optional(momentum_buffer, param.dtype),
+        _flat(param_out),
+        _optional(buffer_out, param.dtype),
         bool(maximize),
         weight_decay != 0,
         t(weight_decay),
@@ -209,6 +226,10 @@ if HAVE_NUMBA:
         exp_avg: Array,
         exp_avg_sq: Array,
         max_exp_avg_sq: Array,
+        param_out: Array,
+        exp_avg_out: Array,
+        exp_avg_sq_out: Array,
+        max_out: Array,
         maximize: bool,
         coupled_decay: bool,
         decoupled_decay: bool,
@@ -234,27 +255,29 @@ if HAVE_NUMBA:
             # exp_avg.lerp_(grad, 1 - beta1): torch's two formulas, switched on the weight
             m = exp_avg[i]
             m = _fma(lerp_weight, g - m, m) if small_weight else _fma(lerp_weight_m1, g - m, g)
-            exp_avg[i] = m
+            exp_avg_out[i] = m
             # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             v = _fma(one_m_beta2 * g, g, exp_avg_sq[i] * beta2)
-            exp_avg_sq[i] = v
+            exp_avg_sq_out[i] = v
             if amsgrad:
                 # torch.maximum, NaN propagating
                 v_max = max_exp_avg_sq[i]
                 if v > v_max or v != v:
                     v_max = v
-                max_exp_avg_sq[i] = v_max
+                max_out[i] = v_max
                 v = v_max
             # param.addcdiv_(exp_avg, (v.sqrt() / bias_correction2_sqrt).add_(eps), value=-step_size)
             # The one operation we cannot round as torch does: its CPU sqrt (MKL VML) is off by an ulp on
             # ~1% of elements, while this one is correctly rounded (as numpy's in the reference).
-            param[i] = p + (neg_step_size * m) / (np.sqrt(v) / bias_correction2_sqrt + eps)
+            param_out[i] = p + (neg_step_size * m) / (np.sqrt(v) / bias_correction2_sqrt + eps)
 
     @njit(**_JIT)  # type: ignore[untyped-decorator]
     def _sgd_kernel(
         param: Array,
         grad: Array,
         momentum_buffer: Array,
+        param_out: Array,
+        buffer_out: Array,
         maximize: bool,
         decay: bool,
         weight_decay: Scalar,
@@ -272,6 +295,6 @@ if HAVE_NUMBA:
             if has_momentum:
                 # step 1 clones the gradient; later ones buf.mul_(momentum).add_(grad, alpha=1 - dampening)
                 b = g if first_step else _fma(one_m_dampening, g, momentum_buffer[i] * momentum)
-                momentum_buffer[i] = b
+                buffer_out[i] = b
                 g = _fma(momentum, b, g) if nesterov else b  # grad.add(buf, alpha=momentum)
-            param[i] = _fma(neg_lr, g, param[i])  # param.add_(grad, alpha=-lr)
+            param_out[i] = _fma(neg_lr, g, param[i])  # param.add_(grad, alpha=-lr)

@@ -46,22 +46,40 @@ class SGD(Optimizer):
         """Per parameter: the fused kernel where `fused.usable`, else the numpy reference."""
         for param, grad, state in zip(params, grads, states, strict=True):
             buf = _momentum_buffer(param, state, hp)
-            if not fused.usable(param, grad, buf):
+            if fused.usable(param, grad, buf):
+                self._fused(param, grad, state, hp, param, state)
+            else:
                 self._update_reference([param], [grad], [state], hp)
-                continue
-            state["step"] += 1
-            fused.sgd_(
-                param,
-                grad,
-                buf,
-                lr=hp["lr"],
-                momentum=hp["momentum"],
-                dampening=hp["dampening"],
-                weight_decay=hp["weight_decay"],
-                nesterov=hp["nesterov"],
-                maximize=hp["maximize"],
-                first_step=bool(state["step"] == 1),
-            )
+
+    def kernel_into(self, param: Array, grad: Array, state: State, hp: HP) -> tuple[Array, State] | None:
+        buf = state.get("momentum_buffer") if hp["momentum"] != 0 else None
+        if not fused.usable(param, grad, buf):
+            return None
+        new_state = {k: np.empty_like(v) for k, v in state.items()}
+        if hp["momentum"] != 0 and buf is None:  # a state saved without momentum gains it
+            state = {**state, "momentum_buffer": np.zeros_like(param)}
+            new_state["momentum_buffer"] = np.empty_like(param)
+        new_param = np.empty_like(param)
+        self._fused(param, grad, state, hp, new_param, new_state)
+        return new_param, new_state
+
+    @staticmethod
+    def _fused(param: Array, grad: Array, state: State, hp: HP, new_param: Array, new: State) -> None:
+        """One step through the kernel from `param`/`state` into `new_param`/`new` (the same, in place)."""
+        new["step"][()] = state["step"] + 1
+        fused.sgd_(
+            param,
+            grad,
+            state.get("momentum_buffer") if hp["momentum"] != 0 else None,
+            lr=hp["lr"],
+            momentum=hp["momentum"],
+            dampening=hp["dampening"],
+            weight_decay=hp["weight_decay"],
+            nesterov=hp["nesterov"],
+            maximize=hp["maximize"],
+            first_step=bool(new["step"] == 1),
+            out=(new_param, new.get("momentum_buffer") if hp["momentum"] != 0 else None),
+        )
 
     def _update_reference(
         self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP

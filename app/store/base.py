@@ -1,11 +1,27 @@
-"""The store protocol and the records it keeps, shared by every backend."""
+"""The store protocol and the records it keeps, shared by every backend.
+
+A store keeps records, not engines: a session is its `SessionMeta`, a JSON-ready description of its
+numerics (`engine`: spec, step, groups, scheduler state) and its named arrays (`tensors`). What a record
+means is the engine's business; how it is laid out in bytes (`encode`/`decode`) is shared here.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.optim.engine import Engine
+import numpy as np
+import numpy.typing as npt
+
+from app.wire import safetensors
+from app.wire.common import PARAM_DTYPES
+from app.wire.errors import WireError
+
+Array = npt.NDArray[Any]
+IDEMPOTENCY_STEPS = 1_000
+"""Idempotency records are kept for at least the session's last this many steps."""
 
 
 @dataclass
@@ -52,8 +68,52 @@ class IdempotencyRecord:
     grad_norm: float | None
 
 
+@dataclass(frozen=True)
+class SessionRecord:
+    """A session as stored. The arrays are never written after they are recorded (a step makes new ones),
+    so a record may share them with the live engine it was taken from."""
+
+    meta: SessionMeta
+    engine: Mapping[str, Any]
+    tensors: Mapping[str, Array]
+
+    @property
+    def step(self) -> int:
+        return int(self.engine["step"])
+
+    @property
+    def lr(self) -> list[float]:
+        return [float(group["lr"]) for group in self.engine["groups"]]
+
+
 class StoreError(RuntimeError):
     """The store is unreachable or failed; the request is not applied (503)."""
+
+
+class CorruptRecord(ValueError):
+    """A stored session that this server cannot read (damaged, or written by a newer version)."""
+
+    def __init__(self, session_id: str, reason: str) -> None:
+        self.session_id = session_id
+        self.reason = reason
+        super().__init__(f"session {session_id!r} is stored in a form this server cannot read: {reason}")
+
+
+def encode(record: SessionRecord) -> tuple[str, bytes]:
+    """The record's engine description as JSON text and its arrays as one safetensors blob."""
+    return json.dumps(record.engine), safetensors.encode_bytes(record.tensors, None)
+
+
+def decode(session_id: str, engine_json: str | bytes, blob: bytes) -> tuple[dict[str, Any], dict[str, Array]]:
+    """`encode`'s inverse; CorruptRecord when the bytes are not what `encode` writes."""
+    try:
+        engine = json.loads(engine_json)
+        tensors, _ = safetensors.decode(blob, PARAM_DTYPES)
+    except (ValueError, RecursionError, WireError) as exc:
+        raise CorruptRecord(session_id, str(exc)) from None
+    if not isinstance(engine, dict):
+        raise CorruptRecord(session_id, "the engine description is not a JSON object")
+    return engine, {name: np.asarray(value) for name, value in tensors.items()}
 
 
 class Store(Protocol):
@@ -62,21 +122,27 @@ class Store(Protocol):
     shared: bool
     """True when other processes may write the same sessions (the service then re-checks versions)."""
 
-    async def create(self, meta: SessionMeta, engine: Engine) -> None: ...
+    async def create(self, record: SessionRecord) -> None: ...
 
-    async def load(self, session_id: str) -> tuple[SessionMeta, Engine] | None: ...
+    async def load(self, session_id: str) -> SessionRecord | None:
+        """The whole record; CorruptRecord when it is stored but cannot be read."""
+        ...
+
+    async def meta(self, session_id: str) -> SessionMeta | None:
+        """The record's meta alone, which stays readable when the rest is not."""
+        ...
 
     async def version(self, session_id: str) -> int | None: ...
 
     async def commit(
         self,
-        meta: SessionMeta,
-        engine: Engine,
+        record: SessionRecord,
         expected_version: int,
         history: HistoryRow | None,
         idempotency: IdempotencyRecord | None,
     ) -> bool:
-        """Writes the session if its stored version is still `expected_version`; False otherwise."""
+        """Writes the record, its history row and idempotency record in one transaction, if the stored
+        version is still `expected_version`; False (nothing written) otherwise."""
         ...
 
     async def idempotency(self, session_id: str, key: str) -> IdempotencyRecord | None: ...

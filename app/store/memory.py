@@ -1,20 +1,20 @@
-"""`memory://`: sessions as live objects in this process. Fastest; nothing survives a restart."""
+"""`memory://`: session records kept in this process. Fastest; nothing survives a restart.
+
+A record shares its arrays with the engine it was taken from (no step ever writes an array in place), so
+keeping one costs no copy.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 
-from app.optim.engine import Engine
-from app.store.base import HistoryRow, IdempotencyRecord, SessionMeta
-
-IDEMPOTENCY_STEPS = 1_000
+from app.store.base import IDEMPOTENCY_STEPS, HistoryRow, IdempotencyRecord, SessionMeta, SessionRecord
 
 
 @dataclass
 class _Entry:
-    meta: SessionMeta
-    engine: Engine
+    record: SessionRecord
     history: deque[HistoryRow]
     keys: OrderedDict[str, IdempotencyRecord] = field(default_factory=OrderedDict)
 
@@ -26,35 +26,37 @@ class MemoryStore:
         self._entries: dict[str, _Entry] = {}
         self._history_limit = history_limit
 
-    async def create(self, meta: SessionMeta, engine: Engine) -> None:
-        self._entries[meta.id] = _Entry(replace(meta), engine, deque(maxlen=self._history_limit))
+    async def create(self, record: SessionRecord) -> None:
+        self._entries[record.meta.id] = _Entry(_own(record), deque(maxlen=self._history_limit))
 
-    async def load(self, session_id: str) -> tuple[SessionMeta, Engine] | None:
+    async def load(self, session_id: str) -> SessionRecord | None:
         entry = self._entries.get(session_id)
-        return None if entry is None else (replace(entry.meta), entry.engine)
+        return None if entry is None else _own(entry.record)
+
+    async def meta(self, session_id: str) -> SessionMeta | None:
+        entry = self._entries.get(session_id)
+        return None if entry is None else replace(entry.record.meta)
 
     async def version(self, session_id: str) -> int | None:
         entry = self._entries.get(session_id)
-        return None if entry is None else entry.meta.version
+        return None if entry is None else entry.record.meta.version
 
     async def commit(
         self,
-        meta: SessionMeta,
-        engine: Engine,
+        record: SessionRecord,
         expected_version: int,
         history: HistoryRow | None,
         idempotency: IdempotencyRecord | None,
     ) -> bool:
-        entry = self._entries.get(meta.id)
-        if entry is None or entry.meta.version != expected_version:
+        entry = self._entries.get(record.meta.id)
+        if entry is None or entry.record.meta.version != expected_version:
             return False
-        entry.meta = replace(meta)
-        entry.engine = engine
+        entry.record = _own(record)
         if history is not None:
             entry.history.append(history)
         if idempotency is not None:
             entry.keys[idempotency.key] = idempotency
-            horizon = engine.step_count - IDEMPOTENCY_STEPS
+            horizon = record.step - IDEMPOTENCY_STEPS
             while entry.keys and next(iter(entry.keys.values())).step < horizon:
                 entry.keys.popitem(last=False)
         return True
@@ -72,16 +74,16 @@ class MemoryStore:
 
     async def sessions_of(self, tenant: str) -> list[tuple[SessionMeta, int, list[float]]]:
         return [
-            (replace(e.meta), e.engine.step_count, e.engine.lr)
+            (replace(e.record.meta), e.record.step, e.record.lr)
             for e in self._entries.values()
-            if e.meta.tenant == tenant
+            if e.record.meta.tenant == tenant
         ]
 
     async def delete(self, session_id: str) -> bool:
         return self._entries.pop(session_id, None) is not None
 
     async def expire(self, idle_seconds: float, now: float) -> int:
-        stale = [sid for sid, e in self._entries.items() if now - e.meta.updated_at > idle_seconds]
+        stale = [sid for sid, e in self._entries.items() if now - e.record.meta.updated_at > idle_seconds]
         for sid in stale:
             del self._entries[sid]
         return len(stale)
@@ -91,3 +93,8 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._entries.clear()
+
+
+def _own(record: SessionRecord) -> SessionRecord:
+    """The record with a meta of its own: SessionMeta is mutable, its arrays and description are not."""
+    return replace(record, meta=replace(record.meta, metadata=dict(record.meta.metadata)))

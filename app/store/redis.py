@@ -32,6 +32,7 @@ import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
@@ -40,11 +41,17 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from app.optim.engine import Engine
-from app.store.base import HistoryRow, IdempotencyRecord, SessionMeta, StoreError
-from app.wire import safetensors
+from app.store.base import (
+    IDEMPOTENCY_STEPS,
+    HistoryRow,
+    IdempotencyRecord,
+    SessionMeta,
+    SessionRecord,
+    StoreError,
+    decode,
+    encode,
+)
 
-IDEMPOTENCY_STEPS = 1_000
 PREFIX = "optserve"
 WRITES_KEPT = 64
 """Nonces of this many last writes are kept: a write retried after a lost reply is recognised as done."""
@@ -174,14 +181,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _encode(engine: Engine) -> tuple[str, bytes]:
-    tensors, meta = engine.snapshot()
-    return json.dumps(meta), safetensors.encode_bytes(tensors, None)
-
-
-def _decode(engine_json: bytes, blob: bytes) -> Engine:
-    tensors, _ = safetensors.decode(blob, ("float32", "float64"))
-    return Engine.restore(tensors, json.loads(engine_json))
+def _meta(session_id: str, row: dict[str, Any]) -> SessionMeta:
+    return SessionMeta(
+        session_id,
+        _text(row["tenant"]),
+        float(row["created_at"]),
+        float(row["updated_at"]),
+        json.loads(row["metadata"]),
+        int(row["version"]),
+    )
 
 
 @contextlib.contextmanager
@@ -251,10 +259,11 @@ class RedisStore:
 
     # -- sessions ---------------------------------------------------------------------------------
 
-    async def create(self, meta: SessionMeta, engine: Engine) -> None:
+    async def create(self, record: SessionRecord) -> None:
+        meta = record.meta
         if not _valid(meta.id):
             raise ValueError(f"session id {meta.id!r} is not [A-Za-z0-9_-]{{1,128}}")
-        engine_json, blob = await anyio.to_thread.run_sync(_encode, engine)
+        engine_json, blob = await anyio.to_thread.run_sync(encode, record)
         nonce = secrets.token_hex(8)
         with _errors("create"):
             # index first: it may name a session that is not (yet, or any longer) there, never miss one
@@ -270,8 +279,8 @@ class RedisStore:
                     repr(meta.updated_at),
                     json.dumps(meta.metadata),
                     meta.version,
-                    engine.step_count,
-                    json.dumps(engine.lr),
+                    record.step,
+                    json.dumps(record.lr),
                     engine_json,
                     blob,
                 ],
@@ -280,7 +289,7 @@ class RedisStore:
             raise StoreError(f"session id {meta.id!r} already exists")
         self._note(meta.id, meta.version, nonce.encode())
 
-    async def load(self, session_id: str) -> tuple[SessionMeta, Engine] | None:
+    async def load(self, session_id: str) -> SessionRecord | None:
         if not _valid(session_id):
             return None
         keys = session_keys(session_id)
@@ -293,17 +302,21 @@ class RedisStore:
         if not fields or blob is None:
             return None
         row = {_text(k): v for k, v in fields.items()}
-        meta = SessionMeta(
-            session_id,
-            _text(row["tenant"]),
-            float(row["created_at"]),
-            float(row["updated_at"]),
-            json.loads(row["metadata"]),
-            int(row["version"]),
-        )
-        engine = await anyio.to_thread.run_sync(_decode, row["engine"], blob)
+        meta = _meta(session_id, row)
+        engine, tensors = await anyio.to_thread.run_sync(decode, session_id, row["engine"], blob)
         self._note(session_id, meta.version, row.get("writer", b""))
-        return meta, engine
+        return SessionRecord(meta, engine, tensors)
+
+    async def meta(self, session_id: str) -> SessionMeta | None:
+        if not _valid(session_id):
+            return None
+        with _errors("load"):
+            values = await self._client.hmget(session_keys(session_id)[0], list(META_FIELDS[:5]))
+        if values[0] is None:
+            return None
+        return _meta(
+            session_id, {k: v for k, v in zip(META_FIELDS[:5], values, strict=True) if v is not None}
+        )
 
     async def version(self, session_id: str) -> int | None:
         """The stored version; -1 when it is the version this process knows but written by another write
@@ -321,16 +334,15 @@ class RedisStore:
 
     async def commit(
         self,
-        meta: SessionMeta,
-        engine: Engine,
+        record: SessionRecord,
         expected_version: int,
         history: HistoryRow | None,
         idempotency: IdempotencyRecord | None,
     ) -> bool:
+        meta, step = record.meta, record.step
         if not _valid(meta.id):
             return False
-        engine_json, blob = await anyio.to_thread.run_sync(_encode, engine)
-        step = engine.step_count
+        engine_json, blob = await anyio.to_thread.run_sync(encode, record)
         nonce = secrets.token_hex(8)
         seen = self._seen.get(meta.id)
         args: list[str | int | bytes] = [
@@ -342,7 +354,7 @@ class RedisStore:
             repr(meta.updated_at),
             json.dumps(meta.metadata),
             step,
-            json.dumps(engine.lr),
+            json.dumps(record.lr),
             engine_json,
             blob,
             "0" if history is None else "1",

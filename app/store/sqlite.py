@@ -16,14 +16,20 @@ from typing import Any, TypeVar
 
 import anyio
 
-from app.optim.engine import Engine
-from app.store.base import HistoryRow, IdempotencyRecord, SessionMeta, StoreError
-from app.wire import safetensors
-from app.wire.common import PARAM_DTYPES
+from app.store.base import (
+    IDEMPOTENCY_STEPS,
+    HistoryRow,
+    IdempotencyRecord,
+    SessionMeta,
+    SessionRecord,
+    StoreError,
+    decode,
+    encode,
+)
 
 T = TypeVar("T")
-IDEMPOTENCY_STEPS = 1_000
 PRUNE_EVERY = 100
+_META = "id, tenant, created_at, updated_at, metadata, version"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -62,9 +68,8 @@ CREATE TABLE IF NOT EXISTS idempotency (
 """
 
 
-def _encode(engine: Engine) -> tuple[str, bytes]:
-    tensors, meta = engine.snapshot()
-    return json.dumps(meta), safetensors.encode_bytes(tensors, None)
+def _meta(row: Any) -> SessionMeta:
+    return SessionMeta(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
 
 
 class SqliteStore:
@@ -89,19 +94,38 @@ class SqliteStore:
         return cls(Path(raw[1:]), history_limit)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn` on the connection, off the event loop; any SQLite error is a StoreError."""
+
         def locked() -> T:
             with self._lock:
                 try:
                     return fn(self._db)
                 except sqlite3.Error as exc:
-                    if self._db.in_transaction:
+                    if self._db.in_transaction:  # COMMIT itself failed
                         self._db.execute("ROLLBACK")
                     raise StoreError(f"SQLite: {exc}") from exc
 
         return await anyio.to_thread.run_sync(locked)
 
-    async def create(self, meta: SessionMeta, engine: Engine) -> None:
-        engine_json, blob = await anyio.to_thread.run_sync(_encode, engine)
+    async def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn` inside one write transaction, the only place one begins and ends: whatever `fn` raises,
+        of any kind, rolls it back before it goes on, so no transaction outlives its request."""
+
+        def run(db: sqlite3.Connection) -> T:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+
+        return await self._call(run)
+
+    async def create(self, record: SessionRecord) -> None:
+        engine_json, blob = await anyio.to_thread.run_sync(encode, record)
+        meta = record.meta
 
         def run(db: sqlite3.Connection) -> None:
             db.execute(
@@ -113,33 +137,33 @@ class SqliteStore:
                     meta.updated_at,
                     json.dumps(meta.metadata),
                     meta.version,
-                    engine.step_count,
-                    json.dumps(engine.lr),
+                    record.step,
+                    json.dumps(record.lr),
                     engine_json,
                     blob,
                 ),
             )
 
-        await self._call(run)
+        await self._transaction(run)
 
-    async def load(self, session_id: str) -> tuple[SessionMeta, Engine] | None:
+    async def load(self, session_id: str) -> SessionRecord | None:
         def run(db: sqlite3.Connection) -> Any:
             return db.execute(
-                "SELECT id, tenant, created_at, updated_at, metadata, version, engine, tensors "
-                "FROM sessions WHERE id = ?",
-                (session_id,),
+                f"SELECT {_META}, engine, tensors FROM sessions WHERE id = ?", (session_id,)
             ).fetchone()
 
         row = await self._call(run)
         if row is None:
             return None
-        meta = SessionMeta(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+        engine, tensors = await anyio.to_thread.run_sync(decode, session_id, row[6], row[7])
+        return SessionRecord(_meta(row), engine, tensors)
 
-        def rebuild() -> Engine:
-            tensors, _ = safetensors.decode(row[7], PARAM_DTYPES)
-            return Engine.restore(tensors, json.loads(row[6]))
+    async def meta(self, session_id: str) -> SessionMeta | None:
+        def run(db: sqlite3.Connection) -> Any:
+            return db.execute(f"SELECT {_META} FROM sessions WHERE id = ?", (session_id,)).fetchone()
 
-        return meta, await anyio.to_thread.run_sync(rebuild)
+        row = await self._call(run)
+        return None if row is None else _meta(row)
 
     async def version(self, session_id: str) -> int | None:
         def run(db: sqlite3.Connection) -> Any:
@@ -150,17 +174,15 @@ class SqliteStore:
 
     async def commit(
         self,
-        meta: SessionMeta,
-        engine: Engine,
+        record: SessionRecord,
         expected_version: int,
         history: HistoryRow | None,
         idempotency: IdempotencyRecord | None,
     ) -> bool:
-        engine_json, blob = await anyio.to_thread.run_sync(_encode, engine)
-        step = engine.step_count
+        engine_json, blob = await anyio.to_thread.run_sync(encode, record)
+        meta, step = record.meta, record.step
 
         def run(db: sqlite3.Connection) -> bool:
-            db.execute("BEGIN IMMEDIATE")
             cursor = db.execute(
                 "UPDATE sessions SET updated_at=?, metadata=?, version=?, step=?, lr=?, engine=?, tensors=? "
                 "WHERE id=? AND version=?",
@@ -169,7 +191,7 @@ class SqliteStore:
                     json.dumps(meta.metadata),
                     meta.version,
                     step,
-                    json.dumps(engine.lr),
+                    json.dumps(record.lr),
                     engine_json,
                     blob,
                     meta.id,
@@ -177,7 +199,6 @@ class SqliteStore:
                 ),
             )
             if cursor.rowcount != 1:
-                db.execute("ROLLBACK")
                 return False
             if history is not None:
                 db.execute(
@@ -207,10 +228,9 @@ class SqliteStore:
                 )
             if meta.version % PRUNE_EVERY == 0:
                 self._prune(db, meta.id, step)
-            db.execute("COMMIT")
             return True
 
-        return await self._call(run)
+        return await self._transaction(run)
 
     def _prune(self, db: sqlite3.Connection, session_id: str, step: int) -> None:
         db.execute(
@@ -250,27 +270,20 @@ class SqliteStore:
     async def sessions_of(self, tenant: str) -> list[tuple[SessionMeta, int, list[float]]]:
         def run(db: sqlite3.Connection) -> list[Any]:
             return db.execute(
-                "SELECT id, tenant, created_at, updated_at, metadata, version, step, lr FROM sessions "
-                "WHERE tenant = ?",
-                (tenant,),
+                f"SELECT {_META}, step, lr FROM sessions WHERE tenant = ?", (tenant,)
             ).fetchall()
 
         rows = await self._call(run)
-        return [
-            (SessionMeta(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]), r[6], json.loads(r[7]))
-            for r in rows
-        ]
+        return [(_meta(r), r[6], json.loads(r[7])) for r in rows]
 
     async def delete(self, session_id: str) -> bool:
         def run(db: sqlite3.Connection) -> bool:
-            db.execute("BEGIN IMMEDIATE")
             deleted = db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount
             db.execute("DELETE FROM history WHERE session_id = ?", (session_id,))
             db.execute("DELETE FROM idempotency WHERE session_id = ?", (session_id,))
-            db.execute("COMMIT")
             return bool(deleted)
 
-        return await self._call(run)
+        return await self._transaction(run)
 
     async def expire(self, idle_seconds: float, now: float) -> int:
         def run(db: sqlite3.Connection) -> list[str]:

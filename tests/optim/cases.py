@@ -197,6 +197,36 @@ def contract(table: Table) -> type:
             assert slots
             assert all(v.dtype == np.float32 for v in slots)
 
+        @pytest.mark.usefixtures("path")
+        @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+        def test_step_into_fresh_arrays_is_update_and_leaves_its_inputs(self, dtype: type) -> None:
+            """What a session steps with: the same bits as `update` in place, and the old arrays as they
+            were (a step can then still be refused with nothing to undo)."""
+            optimizer = get_optimizer(name)
+            hp = parse(optimizer.hparams, {**table.read_only, "maximize": True}, "optimizer")
+            params = initial_params(WIDE_SHAPES, dtype)
+            states = [optimizer.init_state(p, hp) for p in params.values()]
+            in_place = [p.copy() for p in params.values()]
+            in_place_states = [{k: v.copy() for k, v in s.items()} for s in states]
+            for t in range(3):
+                grads = [gradient(t, n, p, 0) for n, p in zip(params, in_place, strict=True)]
+                before = [p.copy() for p in in_place], [{k: v.copy() for k, v in s.items()} for s in states]
+                new_params, new_states = optimizer.step_into(in_place, grads, states, hp)
+                for old, kept in zip(in_place, before[0], strict=True):
+                    np.testing.assert_array_equal(old, kept)
+                for old_state, kept_state in zip(states, before[1], strict=True):
+                    for slot, value in kept_state.items():
+                        np.testing.assert_array_equal(old_state[slot], value)
+                optimizer.update(in_place, grads, in_place_states, hp)
+                for new, updated in zip(new_params, in_place, strict=True):
+                    assert not np.shares_memory(new, updated)
+                    np.testing.assert_array_equal(new, updated)
+                for new_state, updated_state in zip(new_states, in_place_states, strict=True):
+                    assert new_state.keys() == updated_state.keys()
+                    for slot, value in updated_state.items():
+                        np.testing.assert_array_equal(new_state[slot], value, err_msg=slot)
+                states = new_states
+
         def test_hyperparameters_match_the_torch_constructor(self) -> None:
             """Names, defaults and order as torch's signature, minus the implementation switches."""
             signature = inspect.signature(torch_cls.__init__).parameters.values()

@@ -53,13 +53,14 @@ def torch_run(
 
 def engine_run(
     engine: Engine, steps: int, losses: list[float] | None = None, start: int = 0
-) -> list[dict[str, np.ndarray]]:
+) -> tuple[list[dict[str, np.ndarray]], Engine]:
+    """Every step's parameters, and the engine at the end (each step makes a new one)."""
     out = []
     for t in range(start, start + steps):
         grads = {name: gradient(t, name, p, 0) * 3 for name, p in engine.params.items()}
-        engine.step(grads, None if losses is None else losses[t])
+        engine, _ = engine.step(grads, None if losses is None else losses[t])
         out.append({k: v.copy() for k, v in engine.params.items()})
-    return out
+    return out, engine
 
 
 def assert_runs_equal(
@@ -89,12 +90,12 @@ def test_clipping_matches_torch_utils(dtype: Any, clip_norm: float | None, clip_
         clip_norm=clip_norm,
         clip_value=clip_value,
     )
-    assert_runs_equal(engine_run(engine, 100), theirs, dtype)
+    assert_runs_equal(engine_run(engine, 100)[0], theirs, dtype)
 
 
 def test_grad_norm_is_reported_before_clipping() -> None:
     engine = Engine.create({"optimizer": {"name": "sgd"}, "clip_grad_norm": 0.1}, {"w": np.zeros(2)})
-    outcome = engine.step({"w": np.array([3.0, 4.0])})
+    engine, outcome = engine.step({"w": np.array([3.0, 4.0])})
     assert outcome.grad_norm == 5.0
     np.testing.assert_allclose(engine.params["w"], -0.001 * np.array([3.0, 4.0]) * 0.1 / (5 + 1e-6))
 
@@ -117,7 +118,8 @@ def test_scheduler_advances_once_per_epoch_like_the_torch_loop(steps_per_epoch: 
         lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9),
         steps_per_epoch,
     )
-    assert_runs_equal(engine_run(engine, 60), theirs, np.float64)
+    ours, engine = engine_run(engine, 60)
+    assert_runs_equal(ours, theirs, np.float64)
     assert engine.lr == pytest.approx([0.05 * 0.9 ** (60 // steps_per_epoch)], rel=1e-12)
 
 
@@ -141,7 +143,8 @@ def test_plateau_uses_the_mean_loss_of_each_epoch() -> None:
         3,
         losses=losses,
     )
-    assert_runs_equal(engine_run(engine, 90, losses), theirs, np.float64)
+    ours, engine = engine_run(engine, 90, losses)
+    assert_runs_equal(ours, theirs, np.float64)
     assert engine.lr[0] < 0.1
 
 
@@ -150,11 +153,11 @@ def test_plateau_refuses_an_epoch_without_any_loss_and_changes_nothing() -> None
         {"optimizer": {"name": "sgd"}, "scheduler": {"name": "reduce_lr_on_plateau"}, "steps_per_epoch": 2},
         {"w": np.ones(2)},
     )
-    engine.step({"w": np.ones(2)})
+    engine, _ = engine.step({"w": np.ones(2)})
     with pytest.raises(StepError, match="loss"):
         engine.step({"w": np.ones(2)})
     assert engine.step_count == 1
-    engine.step({"w": np.ones(2)}, loss=1.0)
+    engine, _ = engine.step({"w": np.ones(2)}, loss=1.0)
     assert engine.step_count == 2
 
 
@@ -165,12 +168,11 @@ def test_snapshot_restore_continues_bit_exactly_through_json() -> None:
         "scheduler": {"name": "one_cycle_lr", "max_lr": 0.05, "total_steps": 100},
         "param_groups": [{"params": ["w"]}, {"params": ["b"], "lr": 0.02}],
     }
-    straight = Engine.create(options, init)
-    engine_run(straight, 20)
+    _, straight = engine_run(Engine.create(options, init), 20)
     tensors, meta = straight.snapshot()
     restored = Engine.restore({k: v.copy() for k, v in tensors.items()}, json.loads(json.dumps(meta)))
-    a = engine_run(straight, 30, start=20)
-    b = engine_run(restored, 30, start=20)
+    a, straight = engine_run(straight, 30, start=20)
+    b, restored = engine_run(restored, 30, start=20)
     for x, y in zip(a, b, strict=True):
         for name in x:
             np.testing.assert_array_equal(x[name], y[name])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from app.optim.engine import Engine
-from app.store.base import HistoryRow, IdempotencyRecord, SessionMeta, Store
+from app.sessions import record_of
+from app.store.base import HistoryRow, IdempotencyRecord, SessionMeta, SessionRecord, Store
 from tests.store.conftest import STORES, MakeStore
 
 pytestmark = pytest.mark.parametrize("kind", STORES)
@@ -23,8 +24,15 @@ def new_engine(values: list[float] | None = None) -> Engine:
 
 
 def clone(engine: Engine) -> Engine:
-    """A copy: the memory store keeps the engine object it is given, so every commit gets its own."""
     return Engine.restore(*engine.snapshot())
+
+
+def as_record(meta: SessionMeta, engine: Engine) -> SessionRecord:
+    return record_of(meta, engine)
+
+
+def engine_of(record: SessionRecord) -> Engine:
+    return Engine.restore(record.tensors, record.engine)
 
 
 def new_meta(session_id: str = "s_contract", tenant: str = "t1", **fields: object) -> SessionMeta:
@@ -33,9 +41,7 @@ def new_meta(session_id: str = "s_contract", tenant: str = "t1", **fields: objec
 
 
 def stepped(engine: Engine, grad: float = 1.0) -> Engine:
-    out = clone(engine)
-    out.apply(out.prepare({"w": np.full(2, grad)}, None))
-    return out
+    return engine.step({"w": np.full(2, grad)})[0]
 
 
 def row(step: int) -> HistoryRow:
@@ -53,7 +59,7 @@ async def commit_steps(
         engine = stepped(engine)
         new = replace(meta, version=meta.version + 1, updated_at=meta.updated_at + 1)
         rec = record(f"k{engine.step_count}", engine.step_count) if keyed else None
-        assert await store.commit(new, engine, meta.version, row(engine.step_count), rec)
+        assert await store.commit(as_record(new, engine), meta.version, row(engine.step_count), rec)
         meta = new
     return meta, engine
 
@@ -61,10 +67,10 @@ async def commit_steps(
 async def test_create_then_load_round_trips(make_store: MakeStore, kind: str) -> None:
     store = await make_store(kind)
     meta, engine = new_meta(metadata={"run": "a", "ü": "ß"}), new_engine([1.25, -2.5])
-    await store.create(meta, clone(engine))
+    await store.create(as_record(meta, clone(engine)))
     loaded = await store.load(meta.id)
     assert loaded is not None
-    got_meta, got = loaded
+    got_meta, got = loaded.meta, engine_of(loaded)
     assert got_meta == meta
     assert got.step_count == 0
     assert got.lr == [0.5]
@@ -81,7 +87,7 @@ async def test_unknown_sessions_are_absent_everywhere(make_store: MakeStore, kin
     assert await store.history("s_nope", 10) == []
     assert await store.idempotency("s_nope", "k") is None
     assert await store.delete("s_nope") is False
-    assert not await store.commit(new_meta("s_nope", version=1), new_engine(), 0, row(1), None)
+    assert not await store.commit(as_record(new_meta("s_nope", version=1), new_engine()), 0, row(1), None)
     assert await store.load("s_nope") is None
     assert await store.sessions_of("t1") == []
 
@@ -89,20 +95,23 @@ async def test_unknown_sessions_are_absent_everywhere(make_store: MakeStore, kin
 async def test_commit_is_compare_and_set_on_the_version(make_store: MakeStore, kind: str) -> None:
     store = await make_store(kind)
     meta, engine = new_meta(), new_engine()
-    await store.create(meta, clone(engine))
+    await store.create(as_record(meta, clone(engine)))
     meta, engine = await commit_steps(store, meta, engine, 1, keyed=True)
     assert await store.version(meta.id) == 1
     # a writer that loaded version 0 lost the race: nothing of its step may land
     stale = stepped(stepped(engine, 100.0), 100.0)
     ok = await store.commit(
-        replace(meta, version=1), stale, 0, row(99), IdempotencyRecord("late", "x", 99, [0.5], False, 1.0)
+        as_record(replace(meta, version=1), stale),
+        0,
+        row(99),
+        IdempotencyRecord("late", "x", 99, [0.5], False, 1.0),
     )
     assert not ok
     loaded = await store.load(meta.id)
     assert loaded is not None
-    assert loaded[0].version == 1
-    assert loaded[1].step_count == 1
-    np.testing.assert_array_equal(loaded[1].params["w"], [-0.5, -0.5])
+    assert loaded.meta.version == 1
+    assert engine_of(loaded).step_count == 1
+    np.testing.assert_array_equal(engine_of(loaded).params["w"], [-0.5, -0.5])
     assert [h.step for h in await store.history(meta.id, 100)] == [1]
     assert await store.idempotency(meta.id, "late") is None
     assert await store.idempotency(meta.id, "k1") == record("k1", 1)
@@ -111,30 +120,33 @@ async def test_commit_is_compare_and_set_on_the_version(make_store: MakeStore, k
 async def test_a_commit_carries_meta_state_history_and_key_together(make_store: MakeStore, kind: str) -> None:
     store = await make_store(kind)
     meta, engine = new_meta(), new_engine()
-    await store.create(meta, clone(engine))
+    await store.create(as_record(meta, clone(engine)))
     new = replace(meta, version=1, updated_at=meta.updated_at + 5, metadata={"run": "b"})
     after = stepped(engine)
-    assert await store.commit(new, clone(after), 0, row(1), record("key-1", 1))
+    assert await store.commit(as_record(new, clone(after)), 0, row(1), record("key-1", 1))
     loaded = await store.load(meta.id)
     assert loaded is not None
-    assert loaded[0] == new
-    np.testing.assert_array_equal(loaded[1].params["w"], after.params["w"])
-    assert loaded[1].step_count == 1
+    assert loaded.meta == new
+    np.testing.assert_array_equal(engine_of(loaded).params["w"], after.params["w"])
+    assert engine_of(loaded).step_count == 1
     assert await store.history(meta.id, 10) == [row(1)]
     assert await store.idempotency(meta.id, "key-1") == record("key-1", 1)
     assert await store.idempotency(meta.id, "key-2") is None
     # a commit without a history row or key (PUT params) writes neither
-    assert await store.commit(replace(new, version=2), clone(after), 1, None, None)
+    assert await store.commit(as_record(replace(new, version=2), clone(after)), 1, None, None)
     assert await store.history(meta.id, 10) == [row(1)]
 
 
 async def test_only_one_of_concurrent_writers_of_a_version_wins(make_store: MakeStore, kind: str) -> None:
     store = await make_store(kind)
     meta, engine = new_meta(), new_engine()
-    await store.create(meta, clone(engine))
+    await store.create(as_record(meta, clone(engine)))
     new = replace(meta, version=1)
     results = await asyncio.gather(
-        *(store.commit(new, stepped(engine, float(i)), 0, row(1), record(f"k{i}", 1)) for i in range(8))
+        *(
+            store.commit(as_record(new, stepped(engine, float(i))), 0, row(1), record(f"k{i}", 1))
+            for i in range(8)
+        )
     )
     assert sorted(results) == [False] * 7 + [True]
     assert len(await store.history(meta.id, 100)) == 1
@@ -144,7 +156,7 @@ async def test_only_one_of_concurrent_writers_of_a_version_wins(make_store: Make
 async def test_history_is_newest_last_limited_and_trimmed(make_store: MakeStore, kind: str) -> None:
     store = await make_store(kind, history_limit=5)
     meta, engine = new_meta(), new_engine()
-    await store.create(meta, clone(engine))
+    await store.create(as_record(meta, clone(engine)))
     await commit_steps(store, meta, engine, 12)
     assert [h.step for h in await store.history(meta.id, 100)] == [8, 9, 10, 11, 12]
     assert [h.step for h in await store.history(meta.id, 2)] == [11, 12]
@@ -155,7 +167,7 @@ async def test_history_is_newest_last_limited_and_trimmed(make_store: MakeStore,
 async def test_idempotency_records_last_1000_steps_then_go(make_store: MakeStore, kind: str) -> None:
     store = await make_store(kind)
     meta, engine = new_meta(), new_engine()
-    await store.create(meta, clone(engine))
+    await store.create(as_record(meta, clone(engine)))
     # 100 commits whose step counts leap by 20 (SQLite prunes every 100 versions)
     for version in range(1, 101):
         step = 20 * version
@@ -163,7 +175,7 @@ async def test_idempotency_records_last_1000_steps_then_go(make_store: MakeStore
         key = {1: "old", 60: "recent"}.get(version)
         rec = None if key is None else record(key, step)
         new = replace(meta, version=version)
-        assert await store.commit(new, clone(engine), version - 1, row(step), rec)
+        assert await store.commit(as_record(new, clone(engine)), version - 1, row(step), rec)
         meta = new
     assert await store.idempotency(meta.id, "old") is None  # step 20 < 2000 - 1000
     assert await store.idempotency(meta.id, "recent") == record("recent", 1200)
@@ -175,7 +187,7 @@ async def test_sessions_of_lists_a_tenants_sessions_with_step_and_lr(
     store = await make_store(kind)
     a, b, c = new_meta("s_a"), new_meta("s_b"), new_meta("s_c", tenant="t2")
     for meta in (a, b, c):
-        await store.create(meta, new_engine())
+        await store.create(as_record(meta, new_engine()))
     await commit_steps(store, b, new_engine(), 3)
     listed = {m.id: (m, step, lr) for m, step, lr in await store.sessions_of("t1")}
     assert set(listed) == {"s_a", "s_b"}
@@ -191,9 +203,9 @@ async def test_sessions_of_lists_a_tenants_sessions_with_step_and_lr(
 async def test_delete_removes_everything_of_the_session(make_store: MakeStore, kind: str) -> None:
     store = await make_store(kind)
     meta, engine = new_meta(), new_engine()
-    await store.create(meta, clone(engine))
+    await store.create(as_record(meta, clone(engine)))
     other = new_meta("s_other")
-    await store.create(other, clone(engine))
+    await store.create(as_record(other, clone(engine)))
     await commit_steps(store, meta, engine, 3, keyed=True)
     assert await store.delete(meta.id) is True
     assert await store.load(meta.id) is None
@@ -201,7 +213,7 @@ async def test_delete_removes_everything_of_the_session(make_store: MakeStore, k
     assert await store.history(meta.id, 100) == []
     assert await store.idempotency(meta.id, "k1") is None
     assert await store.delete(meta.id) is False
-    assert not await store.commit(replace(meta, version=4), new_engine(), 3, row(4), None)
+    assert not await store.commit(as_record(replace(meta, version=4), new_engine()), 3, row(4), None)
     assert await store.load("s_other") is not None
 
 

@@ -20,7 +20,17 @@ from app.store.base import StoreError
 from app.store.redis import COMMIT_LUA, RedisStore, session_keys, tenant_key
 from app.wire import safetensors
 from tests.conftest import AppClient
-from tests.store.test_contract import clone, commit_steps, new_engine, new_meta, record, row, stepped
+from tests.store.test_contract import (
+    as_record,
+    clone,
+    commit_steps,
+    engine_of,
+    new_engine,
+    new_meta,
+    record,
+    row,
+    stepped,
+)
 from tests.system.redis_server import RedisServer
 from tests.system.server import free_port
 
@@ -34,7 +44,7 @@ async def test_every_key_of_a_session_shares_one_hash_tag(
 ) -> None:
     store = await open_redis(redis_server)
     meta = new_meta("s_tagged")
-    await store.create(meta, new_engine())
+    await store.create(as_record(meta, new_engine()))
     await commit_steps(store, meta, new_engine(), 2, keyed=True)
     keys = sorted(k.decode() for k in redis_db.scan_iter(match="optserve:{s_tagged}*"))
     assert keys == sorted(session_keys("s_tagged"))  # all six exist once a keyed step is committed
@@ -50,7 +60,7 @@ async def test_tensors_are_one_binary_safetensors_value(
 ) -> None:
     store = await open_redis(redis_server)
     meta, engine = new_meta("s_bin"), new_engine([3.0, 4.0])
-    await store.create(meta, clone(engine))
+    await store.create(as_record(meta, clone(engine)))
     meta_key, tensors_key = session_keys("s_bin")[:2]
     assert redis_db.type(tensors_key) == b"string"
     assert redis_db.type(meta_key) == b"hash"
@@ -68,7 +78,7 @@ async def test_ttl_is_set_on_every_key_by_create_and_each_commit(
 ) -> None:
     store = await open_redis(redis_server, ttl=60.0)
     meta, engine = new_meta("s_ttl"), new_engine()
-    await store.create(meta, clone(engine))
+    await store.create(as_record(meta, clone(engine)))
     existing = [k for k in session_keys("s_ttl") if redis_db.exists(k)]
     assert len(existing) >= 2
     assert all(0 < redis_db.pttl(k) <= 60_000 for k in existing)
@@ -81,7 +91,7 @@ async def test_ttl_is_set_on_every_key_by_create_and_each_commit(
 
     # without a TTL the keys persist (a commit also clears a TTL left by an earlier setting)
     plain = await open_redis(redis_server)
-    await plain.create(new_meta("s_forever"), new_engine())
+    await plain.create(as_record(new_meta("s_forever"), new_engine()))
     assert all(redis_db.pttl(k) == -1 for k in session_keys("s_forever") if redis_db.exists(k))
     await commit_steps(plain, replace(meta, version=1), stepped(engine), 1, keyed=True)
     assert [redis_db.pttl(k) for k in session_keys("s_ttl")] == [-1] * 6
@@ -93,8 +103,8 @@ async def test_an_expired_session_is_gone_and_leaves_the_index(
 ) -> None:
     store = await open_redis(redis_server, ttl=0.2)
     store.index_grace = 0.0
-    await store.create(new_meta("s_brief"), new_engine())
-    await store.create(new_meta("s_other", tenant="t2"), new_engine())
+    await store.create(as_record(new_meta("s_brief"), new_engine()))
+    await store.create(as_record(new_meta("s_other", tenant="t2"), new_engine()))
     assert [m.id for m, _, _ in await store.sessions_of("t1")] == ["s_brief"]
     await asyncio.sleep(0.35)
     assert await store.load("s_brief") is None
@@ -125,7 +135,7 @@ async def test_a_retried_commit_is_recognised_not_applied_twice(
     """redis-py retries a write whose reply was lost; the script sees its own nonce and does nothing."""
     store = await open_redis(redis_server)
     meta, engine = new_meta("s_retry"), new_engine()
-    await store.create(meta, clone(engine))
+    await store.create(as_record(meta, clone(engine)))
     tensors, engine_meta = stepped(engine).snapshot()
     blob = safetensors.encode_bytes(tensors, None)
 
@@ -158,24 +168,28 @@ async def test_a_state_rolled_back_by_redis_and_rewritten_is_not_taken_for_curre
     see its version as current, nor commit on top of it."""
     a, b = await open_redis(redis_server), await open_redis(redis_server)
     meta, engine = new_meta("s_rollback"), new_engine()
-    await a.create(meta, clone(engine))
+    await a.create(as_record(meta, clone(engine)))
     saved = {k: v for k in session_keys("s_rollback") if isinstance(v := redis_db.dump(k), bytes)}
     lost = stepped(engine, 1.0)
-    assert await a.commit(replace(meta, version=1), clone(lost), 0, row(1), None)  # a caches version 1
+    assert await a.commit(
+        as_record(replace(meta, version=1), clone(lost)), 0, row(1), None
+    )  # a caches version 1
     for key in session_keys("s_rollback"):  # Redis comes back without that write...
         redis_db.delete(key)
     for key, value in saved.items():
         redis_db.restore(key, 0, value)
     loaded = await b.load("s_rollback")  # ...and another replica writes a different version 1
     assert loaded is not None
-    assert await b.commit(replace(meta, version=1), stepped(loaded[1], 7.0), 0, row(1), None)
+    assert await b.commit(
+        as_record(replace(meta, version=1), stepped(engine_of(loaded), 7.0)), 0, row(1), None
+    )
     assert await a.version("s_rollback") == -1  # not 1: a's cached state is not the stored one
-    assert not await a.commit(replace(meta, version=2), stepped(lost), 1, row(2), None)
+    assert not await a.commit(as_record(replace(meta, version=2), stepped(lost)), 1, row(2), None)
     reloaded = await a.load("s_rollback")
     assert reloaded is not None
-    np.testing.assert_array_equal(reloaded[1].params["w"], [-3.5, -3.5])
+    np.testing.assert_array_equal(engine_of(reloaded).params["w"], [-3.5, -3.5])
     assert await a.version("s_rollback") == 1
-    assert await a.commit(replace(meta, version=2), stepped(reloaded[1]), 1, row(2), None)
+    assert await a.commit(as_record(replace(meta, version=2), stepped(engine_of(reloaded))), 1, row(2), None)
     assert await b.version("s_rollback") == 2
     await a.close()
     await b.close()
@@ -186,7 +200,7 @@ async def test_scripts_are_reloaded_after_a_script_flush(
 ) -> None:
     store = await open_redis(redis_server)
     meta = new_meta("s_flush")
-    await store.create(meta, new_engine())
+    await store.create(as_record(meta, new_engine()))
     redis_db.script_flush()
     assert not redis_db.script_exists(store._commit.sha)[0]
     await commit_steps(store, meta, new_engine(), 1)
@@ -200,12 +214,12 @@ async def test_idempotency_records_are_pruned_on_every_commit(
 ) -> None:
     store = await open_redis(redis_server, history_limit=3)
     meta, engine = new_meta("s_prune"), new_engine()
-    await store.create(meta, clone(engine))
+    await store.create(as_record(meta, clone(engine)))
     for version in range(1, 51):
         engine.step_count = 100 * version
         new = replace(meta, version=version)
         rec = record(f"k{version}", 100 * version)
-        assert await store.commit(new, clone(engine), version - 1, row(100 * version), rec)
+        assert await store.commit(as_record(new, clone(engine)), version - 1, row(100 * version), rec)
         meta = new
     kept = sorted(
         int(str(k, "ascii")[1:]) for k in redis_db.hkeys(session_keys("s_prune")[3]) if isinstance(k, bytes)
@@ -225,7 +239,7 @@ async def test_ids_that_could_change_the_hash_tag_name_no_session(redis_server: 
         assert await store.history(bad, 5) == []
         assert await store.idempotency(bad, "k") is None
     with pytest.raises(ValueError, match="session id"):
-        await store.create(new_meta("a}b"), new_engine())
+        await store.create(as_record(new_meta("a}b"), new_engine()))
     await store.close()
 
 
@@ -234,7 +248,7 @@ async def test_urls_password_and_database(tmp_path: Path) -> None:
         port = server.port
         good = RedisStore.from_url(f"redis://:s3cret@127.0.0.1:{port}/3")
         await good.ping()
-        await good.create(new_meta("s_db3"), new_engine())
+        await good.create(as_record(new_meta("s_db3"), new_engine()))
         assert await good.load("s_db3") is not None
         other_db = RedisStore.from_url(f"redis://:s3cret@127.0.0.1:{port}/0")
         assert await other_db.load("s_db3") is None
@@ -261,10 +275,10 @@ async def test_every_operation_raises_store_error_when_redis_is_down() -> None:
     meta, engine = new_meta("s_down"), new_engine()
     calls = [
         store.ping(),
-        store.create(meta, engine),
+        store.create(as_record(meta, engine)),
         store.load("s_down"),
         store.version("s_down"),
-        store.commit(replace(meta, version=1), engine, 0, row(1), record("k", 1)),
+        store.commit(as_record(replace(meta, version=1), engine), 0, row(1), record("k", 1)),
         store.idempotency("s_down", "k"),
         store.history("s_down", 10),
         store.sessions_of("t1"),
@@ -283,18 +297,18 @@ async def test_a_killed_redis_fails_requests_then_comes_back_with_its_data(tmp_p
     with RedisServer(tmp_path / "restart") as server:
         store = RedisStore.from_url(server.url())
         meta, engine = new_meta("s_back"), new_engine()
-        await store.create(meta, clone(engine))
+        await store.create(as_record(meta, clone(engine)))
         meta, engine = await commit_steps(store, meta, engine, 3, keyed=True)
         server.kill()
         with pytest.raises(StoreError):
             await store.load("s_back")
         with pytest.raises(StoreError):
-            await store.commit(replace(meta, version=4), stepped(engine), 3, row(4), None)
+            await store.commit(as_record(replace(meta, version=4), stepped(engine)), 3, row(4), None)
         server.start()  # same dir, same port: the AOF is replayed
         loaded = await store.load("s_back")  # the client reconnects by itself
         assert loaded is not None
-        assert (loaded[0].version, loaded[1].step_count) == (3, 3)
-        np.testing.assert_array_equal(loaded[1].params["w"], engine.params["w"])
+        assert (loaded.meta.version, engine_of(loaded).step_count) == (3, 3)
+        np.testing.assert_array_equal(engine_of(loaded).params["w"], engine.params["w"])
         assert await store.idempotency("s_back", "k3") == record("k3", 3)
         await commit_steps(store, meta, engine, 1)
         await store.close()
