@@ -106,25 +106,27 @@ class Adam(Optimizer):
             else:
                 self._update_reference([param], [grad], [state], hp)
 
-    def kernel_into(self, param: Array, grad: Array, state: State, hp: HP) -> tuple[Array, State] | None:
+    def kernel_into(
+        self, param: Array, grad: Array, state: State, hp: HP
+    ) -> tuple[Array, State, bool] | None:
         if not self._fast(param, grad, state, hp):
             return None
         new_param, new_state = np.empty_like(param), {k: np.empty_like(v) for k, v in state.items()}
-        self._fused(param, grad, state, hp, new_param, new_state)
-        return new_param, new_state
+        finite = self._fused(param, grad, state, hp, new_param, new_state)
+        return new_param, new_state, finite
 
     @staticmethod
     def _fast(param: Array, grad: Array, state: State, hp: HP) -> bool:
         max_exp_avg_sq = state["max_exp_avg_sq"] if hp["amsgrad"] else None
         return fused.usable(param, grad, state["exp_avg"], state["exp_avg_sq"], max_exp_avg_sq)
 
-    def _fused(self, param: Array, grad: Array, state: State, hp: HP, new_param: Array, new: State) -> None:
+    def _fused(self, param: Array, grad: Array, state: State, hp: HP, new_param: Array, new: State) -> bool:
         """One step through the kernel from `param`/`state` into `new_param`/`new` (the same, in place)."""
         beta1, beta2 = hp["betas"]
         new["step"][()] = state["step"] + 1
         step_size, bias_correction2_sqrt = _adam_scalars(hp["lr"], beta1, beta2, float(new["step"]))
         amsgrad = hp["amsgrad"]
-        fused.adam_(
+        return fused.adam_(
             param,
             grad,
             state["exp_avg"],

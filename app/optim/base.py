@@ -61,21 +61,34 @@ class Optimizer(ABC):
 
     def step_into(
         self, params: Sequence[Array], grads: Sequence[Array], states: Sequence[State], hp: HP
-    ) -> tuple[list[Array], list[State]]:
+    ) -> tuple[list[Array], list[State], list[bool]]:
         """One step into fresh arrays, `params` and `states` left as they were, so that a step can still
         be refused after it was computed with nothing to undo: per parameter, `kernel_into` where it
-        takes it, else `update` on copies."""
-        new_params, new_states = [], []
+        takes it, else `update` on copies. Also says, per parameter, whether all it wrote is finite."""
+        new_params, new_states, finite = [], [], []
         for param, grad, state in zip(params, grads, states, strict=True):
             fresh = self.kernel_into(param, grad, state, hp)
             if fresh is None:
-                fresh = param.copy(), {slot: v.copy() for slot, v in state.items()}
-                self.update([fresh[0]], [grad], [fresh[1]], hp)
+                new_param, new_state = param.copy(), {slot: v.copy() for slot, v in state.items()}
+                self.update([new_param], [grad], [new_state], hp)
+                fresh = new_param, new_state, all_finite(new_param, *new_state.values())
             new_params.append(fresh[0])
             new_states.append(fresh[1])
-        return new_params, new_states
+            finite.append(fresh[2])
+        return new_params, new_states, finite
 
-    def kernel_into(self, param: Array, grad: Array, state: State, hp: HP) -> tuple[Array, State] | None:
+    def kernel_into(
+        self, param: Array, grad: Array, state: State, hp: HP
+    ) -> tuple[Array, State, bool] | None:
         """One parameter's step by a kernel that reads the old arrays and writes new ones (no copy
-        first), or None where there is none for it."""
+        first) and tells whether what it wrote is finite; None where there is no kernel for it."""
         return None
+
+
+def all_finite(*arrays: Array) -> bool:
+    """No NaN or Infinity in any of the float arrays."""
+    # a sum is finite for finite values unless it overflows, which only the exact check tells apart
+    with np.errstate(over="ignore", invalid="ignore"):
+        return all(
+            a.dtype.kind != "f" or bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all()) for a in arrays
+        )

@@ -29,6 +29,33 @@ PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 SNAPSHOT_FORMAT = 1
 # Step counts stay exact as JSON numbers in every language (IEEE doubles) and far from SQLite's int64.
 MAX_STEP = 2**53
+MAX_PARAMETERS = 10_000
+MAX_GROUPS = 1_000
+MAX_NAME_LENGTH = 256
+# safetensors keeps its metadata under this key: no tensor, so no parameter, may be called so
+RESERVED_NAME = "__metadata__"
+
+
+def name_errors(names: list[str]) -> list[FieldError]:
+    """What is wrong with a session's parameter names: too many, too long, empty or reserved."""
+    if len(names) > MAX_PARAMETERS:
+        return [FieldError("params", f"at most {MAX_PARAMETERS} parameters, got {len(names)}")]
+    return [
+        FieldError(
+            f"params.{name[:MAX_NAME_LENGTH]}", f"names are 1 to {MAX_NAME_LENGTH} characters, not {why}"
+        )
+        for name, why in ((n, _bad_name(n)) for n in names)
+        if why
+    ]
+
+
+def _bad_name(name: str) -> str | None:
+    if not name:
+        return "empty"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"{len(name)} long"
+    return f"{RESERVED_NAME!r}, which safetensors reserves" if name == RESERVED_NAME else None
+
 
 SESSION_OPTIONS = (
     HParam("steps_per_epoch", "int", 1, "optimizer steps per scheduler advance"),
@@ -117,9 +144,11 @@ class Engine:
     @classmethod
     def create(cls, options: Mapping[str, Any], params: Mapping[str, Array]) -> Engine:
         """Validates the whole spec against the parameters; every problem is reported at once."""
-        errors: list[FieldError] = []
+        errors = name_errors(list(params))
         if not params:
             errors.append(FieldError("params", "at least one parameter is required"))
+        if errors and len(params) > MAX_PARAMETERS:
+            raise SpecError(errors)
         for name, value in params.items():
             if value.dtype not in PARAM_DTYPES:
                 errors.append(FieldError(f"params.{name}", f"dtype {value.dtype} is not float32 or float64"))
@@ -192,6 +221,9 @@ class Engine:
             return [dict(base)], [names]
         if not isinstance(raw, list) or not raw:
             errors.append(FieldError("param_groups", "expected a non-empty array of {params: [...], ...}"))
+            return [], []
+        if len(raw) > MAX_GROUPS:
+            errors.append(FieldError("param_groups", f"at most {MAX_GROUPS} groups, got {len(raw)}"))
             return [], []
         groups: list[dict[str, Any]] = []
         group_params: list[list[str]] = []
@@ -313,10 +345,11 @@ class Engine:
             raise StepError("step", f"the session is at step {self.step_count}, the most a session may take")
         params, states = dict(self.params), dict(self.states)
         grads = prepared.grads
+        nonfinite: list[str] = []
         for names, hp in zip(self.group_params, self.groups, strict=True):
             present = [n for n in names if n in grads]
             if present:
-                new_params, new_states = self.optimizer.step_into(
+                new_params, new_states, finite = self.optimizer.step_into(
                     [params[n] for n in present],
                     [grads[n] for n in present],
                     [states[n] for n in present],
@@ -324,16 +357,15 @@ class Engine:
                 )
                 params.update(zip(present, new_params, strict=True))
                 states.update(zip(present, new_states, strict=True))
-        if self.options["nonfinite"] != "allow":
-            bad = _first_nonfinite(params, states, grads)
-            if bad is not None and self.options["nonfinite"] == "skip":
+                nonfinite.extend(n for n, ok in zip(present, finite, strict=True) if not ok)
+        if nonfinite and self.options["nonfinite"] != "allow":
+            if self.options["nonfinite"] == "skip":
                 return self, StepOutcome(self.step_count, self.lr, True, prepared.grad_norm)
-            if bad is not None:
-                raise StepError(
-                    bad,
-                    f"this step would make it NaN or Infinity (lr {self.lr}); nothing was applied "
-                    "(session option nonfinite='error'; 'skip' skips such steps, 'allow' applies them)",
-                )
+            raise StepError(
+                f"params.{nonfinite[0]}",
+                f"this step would make it NaN or Infinity (lr {self.lr}); nothing was applied "
+                "(session option nonfinite='error'; 'skip' skips such steps, 'allow' applies them)",
+            )
         losses = self.losses if prepared.loss is None else [*self.losses, prepared.loss]
         groups, scheduler = self.groups, self.scheduler
         if step % self.options["steps_per_epoch"] == 0:
@@ -487,32 +519,18 @@ class Engine:
         stray = sorted(set(tensors) - expected)
         if stray:
             raise bad("tensors", f"unexpected tensors: {', '.join(stray[:5])}")
-        if not 0 <= self.step_count < 2**63 or not all(math.isfinite(x) for x in self.losses):
-            raise bad("step", "the step must be a non-negative 64-bit integer and the losses finite")
+        if not 0 <= self.step_count <= MAX_STEP or not all(math.isfinite(x) for x in self.losses):
+            raise bad(
+                "step", f"the step must be an integer from 0 to 2**53 ({MAX_STEP}) and the losses finite"
+            )
+        wrong_names = name_errors(list(self.params))
+        if wrong_names:
+            raise SpecError([FieldError(f"checkpoint.{e.field}", e.message) for e in wrong_names])
         if self.scheduler is not None:
             probe, groups = copy.deepcopy(self.scheduler), copy.deepcopy(self.groups)
             probe.bind(groups)
             probe.step(0.0)
         orjson.dumps([self.describe(), self.snapshot()[1]])  # what the session will answer and store
-
-
-def _all_finite(a: Array) -> bool:
-    # the sum is finite for finite values unless it overflows, which only the exact check tells apart
-    with np.errstate(over="ignore", invalid="ignore"):
-        return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())
-
-
-def _first_nonfinite(
-    params: Mapping[str, Array], states: Mapping[str, State], written: Mapping[str, Array]
-) -> str | None:
-    """The first parameter or state slot a step wrote that holds NaN or Infinity, named as a field."""
-    for name in written:
-        if not _all_finite(params[name]):
-            return f"params.{name}"
-        for slot, value in states[name].items():
-            if value.dtype.kind == "f" and not _all_finite(value):
-                return f"state.{name}.{slot}"
-    return None
 
 
 def _advanced_schedule(

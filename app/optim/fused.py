@@ -85,42 +85,46 @@ def adam_(
     step_size: float,
     bias_correction2_sqrt: float,
     out: tuple[Array, Array, Array, Array | None] | None = None,
-) -> None:
+) -> bool:
     """One Adam/AdamW step of one parameter, `step` already bumped; AMSGrad when `max_exp_avg_sq`.
 
     In place, or into `out` = (param, exp_avg, exp_avg_sq, max_exp_avg_sq) of the same shapes, leaving the
-    inputs as they were. Scalars are rounded to the array dtype where torch rounds them (its CPU kernels
-    take scalar operands in the tensor's dtype), so the loop does float32 arithmetic on float32 arrays.
+    inputs as they were; True when every value written is finite. Scalars are rounded to the array dtype
+    where torch rounds them (its CPU kernels take scalar operands in the tensor's dtype), so the loop does
+    float32 arithmetic on float32 arrays. Into separate arrays LLVM vectorizes the loop; in place its
+    aliasing check keeps it scalar, which is why the service steps into fresh arrays.
     """
     t = param.dtype.type
     lerp_weight = t(1 - beta1)
     param_out, exp_avg_out, exp_avg_sq_out, max_out = (
         (param, exp_avg, exp_avg_sq, max_exp_avg_sq) if out is None else out
     )
-    _adam_kernel(
-        _flat(param),
-        _flat_read_only(grad),
-        _flat(exp_avg),
-        _flat(exp_avg_sq),
-        _optional(max_exp_avg_sq, param.dtype),
-        _flat(param_out),
-        _flat(exp_avg_out),
-        _flat(exp_avg_sq_out),
-        _optional(max_out, param.dtype),
-        bool(maximize),
-        weight_decay != 0 and not decoupled,
-        weight_decay != 0 and bool(decoupled),
-        t(weight_decay),
-        t(1 - lr * weight_decay),
-        max_exp_avg_sq is not None,
-        bool(abs(lerp_weight) < 0.5),
-        lerp_weight,
-        lerp_weight - t(1),  # exact: used only when the weight is at least 0.5
-        t(beta2),
-        t(1 - beta2),
-        t(bias_correction2_sqrt),
-        t(eps),
-        t(-step_size),
+    return bool(
+        _adam_kernel(
+            _flat(param),
+            _flat_read_only(grad),
+            _flat(exp_avg),
+            _flat(exp_avg_sq),
+            _optional(max_exp_avg_sq, param.dtype),
+            _flat(param_out),
+            _flat(exp_avg_out),
+            _flat(exp_avg_sq_out),
+            _optional(max_out, param.dtype),
+            bool(maximize),
+            weight_decay != 0 and not decoupled,
+            weight_decay != 0 and bool(decoupled),
+            t(weight_decay),
+            t(1 - lr * weight_decay),
+            max_exp_avg_sq is not None,
+            bool(abs(lerp_weight) < 0.5),
+            lerp_weight,
+            lerp_weight - t(1),  # exact: used only when the weight is at least 0.5
+            t(beta2),
+            t(1 - beta2),
+            t(bias_correction2_sqrt),
+            t(eps),
+            t(-step_size),
+        )
     )
 
 
@@ -137,29 +141,32 @@ def sgd_(
     maximize: bool,
     first_step: bool,
     out: tuple[Array, Array | None] | None = None,
-) -> None:
+) -> bool:
     """One SGD step of one parameter, in place or into `out` = (param, momentum_buffer); the buffer is
-    required when `momentum != 0` and is set to the gradient on the first step, as torch creates it."""
+    required when `momentum != 0` and is set to the gradient on the first step, as torch creates it.
+    True when every value written is finite."""
     t = param.dtype.type
     has_momentum = momentum != 0
     if has_momentum and momentum_buffer is None:
         raise ValueError("SGD with momentum needs a momentum buffer")
     param_out, buffer_out = (param, momentum_buffer) if out is None else out
-    _sgd_kernel(
-        _flat(param),
-        _flat_read_only(grad),
-        _optional(momentum_buffer, param.dtype),
-        _flat(param_out),
-        _optional(buffer_out, param.dtype),
-        bool(maximize),
-        weight_decay != 0,
-        t(weight_decay),
-        has_momentum,
-        bool(first_step),
-        t(momentum),
-        t(1 - dampening),
-        bool(nesterov),
-        t(-lr),
+    return bool(
+        _sgd_kernel(
+            _flat(param),
+            _flat_read_only(grad),
+            _optional(momentum_buffer, param.dtype),
+            _flat(param_out),
+            _optional(buffer_out, param.dtype),
+            bool(maximize),
+            weight_decay != 0,
+            t(weight_decay),
+            has_momentum,
+            bool(first_step),
+            t(momentum),
+            t(1 - dampening),
+            bool(nesterov),
+            t(-lr),
+        )
     )
 
 
@@ -244,7 +251,8 @@ if HAVE_NUMBA:
         bias_correction2_sqrt: Scalar,
         eps: Scalar,
         neg_step_size: Scalar,
-    ) -> None:
+    ) -> bool:
+        finite = True
         for i in range(param.shape[0]):
             p = param[i]
             g = -grad[i] if maximize else grad[i]
@@ -269,7 +277,11 @@ if HAVE_NUMBA:
             # param.addcdiv_(exp_avg, (v.sqrt() / bias_correction2_sqrt).add_(eps), value=-step_size)
             # The one operation we cannot round as torch does: its CPU sqrt (MKL VML) is off by an ulp on
             # ~1% of elements, while this one is correctly rounded (as numpy's in the reference).
-            param_out[i] = p + (neg_step_size * m) / (np.sqrt(v) / bias_correction2_sqrt + eps)
+            new = p + (neg_step_size * m) / (np.sqrt(v) / bias_correction2_sqrt + eps)
+            param_out[i] = new
+            # x - x is 0 for a finite x and NaN otherwise; AMSGrad's maximum of finite values is finite
+            finite &= (new - new == 0) & (m - m == 0) & (exp_avg_sq_out[i] - exp_avg_sq_out[i] == 0)
+        return finite
 
     @njit(**_JIT)  # type: ignore[untyped-decorator]
     def _sgd_kernel(
@@ -287,7 +299,8 @@ if HAVE_NUMBA:
         one_m_dampening: Scalar,
         nesterov: bool,
         neg_lr: Scalar,
-    ) -> None:
+    ) -> bool:
+        finite = True
         for i in range(param.shape[0]):
             g = -grad[i] if maximize else grad[i]
             if decay:
@@ -296,5 +309,9 @@ if HAVE_NUMBA:
                 # step 1 clones the gradient; later ones buf.mul_(momentum).add_(grad, alpha=1 - dampening)
                 b = g if first_step else _fma(one_m_dampening, g, momentum_buffer[i] * momentum)
                 buffer_out[i] = b
+                finite &= b - b == 0
                 g = _fma(momentum, b, g) if nesterov else b  # grad.add(buf, alpha=momentum)
-            param_out[i] = _fma(neg_lr, g, param[i])  # param.add_(grad, alpha=-lr)
+            new = _fma(neg_lr, g, param[i])  # param.add_(grad, alpha=-lr)
+            param_out[i] = new
+            finite &= new - new == 0
+        return finite

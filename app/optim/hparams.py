@@ -7,6 +7,7 @@ class's `validate`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -82,6 +83,13 @@ class HParam:
         return entry
 
 
+# Bounds on every spec value, checked where it is parsed, so that nothing accepted can overflow later (an
+# integer beyond what JSON readers and SQLite keep exactly, a schedule whose arithmetic costs per item).
+MAX_INT = 2**53
+MAX_LIST = 10_000
+MAX_SPECS = 32
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -108,6 +116,8 @@ def _coerce(p: HParam, value: Any, path: str) -> Any:
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             raise bad("an integer")
+        if abs(value) > MAX_INT:
+            raise bad(f"an integer between -2**53 and 2**53 ({MAX_INT})")
         return value
     if p.kind == "bool":
         if not isinstance(value, bool):
@@ -135,6 +145,8 @@ def _coerce(p: HParam, value: Any, path: str) -> Any:
         want_int = p.kind == "int_list"
         if not isinstance(value, (list, tuple)):
             raise bad("an array of integers" if want_int else "an array of numbers")
+        if len(value) > MAX_LIST:
+            raise SpecError.one(path, f"at most {MAX_LIST} items, got {len(value)}")
         out: list[Any] = []
         for item in value:
             if want_int and isinstance(item, float) and item.is_integer():
@@ -142,11 +154,15 @@ def _coerce(p: HParam, value: Any, path: str) -> Any:
             ok = isinstance(item, int) if want_int else _is_number(item)
             if not ok or isinstance(item, bool):
                 raise bad("an array of integers" if want_int else "an array of numbers")
+            if (want_int and abs(item) > MAX_INT) or (not want_int and not math.isfinite(item)):
+                raise bad("an array of integers within 2**53" if want_int else "an array of finite numbers")
             out.append(item if want_int else float(item))
         return out
     if p.kind == "spec_list":
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, Mapping) for v in value):
             raise bad("an array of scheduler specs")
+        if len(value) > MAX_SPECS:
+            raise SpecError.one(path, f"at most {MAX_SPECS} schedulers, got {len(value)}")
         return [dict(v) for v in value]
     raise AssertionError(f"unknown kind {p.kind}")
 

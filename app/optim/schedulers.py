@@ -1043,14 +1043,21 @@ def _lookup(spec: Mapping[str, Any], prefix: str) -> type[Scheduler]:
     return cls
 
 
-def _plan(spec: Mapping[str, Any], groups: Groups, prefix: str) -> _Plan:
+MAX_DEPTH = 8
+"""How deep schedulers may nest (sequential_lr in chained_scheduler in ...): deeper is refused up front."""
+
+
+def _plan(spec: Mapping[str, Any], groups: Groups, prefix: str, depth: int = 1) -> _Plan:
+    if depth > MAX_DEPTH:
+        raise SpecError.one(prefix, f"schedulers nest at most {MAX_DEPTH} deep")
     cls = _lookup(spec, prefix)
     hp = _parse(cls.hparams, spec, prefix)
     check = Check(prefix)
     cls.check(hp, groups, check)
     check.done()
     inner = tuple(
-        _plan(s, groups, f"{prefix}.schedulers[{i}]") for i, s in enumerate(hp.get("schedulers", ()))
+        _plan(s, groups, f"{prefix}.schedulers[{i}]", depth + 1)
+        for i, s in enumerate(hp.get("schedulers", ()))
     )
     return _Plan(cls, hp, inner)
 
@@ -1066,13 +1073,15 @@ def build_scheduler(spec: Mapping[str, Any], groups: Groups, prefix: str = "sche
     return _plan(spec, groups, prefix).build(groups)
 
 
-def filled_spec(spec: Mapping[str, Any], prefix: str = "scheduler") -> dict[str, Any]:
+def filled_spec(spec: Mapping[str, Any], prefix: str = "scheduler", depth: int = 1) -> dict[str, Any]:
     """`spec` as JSON data with every default filled in, nested specs too (types checked, ranges not)."""
+    if depth > MAX_DEPTH:
+        raise SpecError.one(prefix, f"schedulers nest at most {MAX_DEPTH} deep")
     cls = _lookup(spec, prefix)
     hp = to_json(_parse(cls.hparams, spec, prefix))
     if "schedulers" in hp:
         hp["schedulers"] = [
-            filled_spec(s, f"{prefix}.schedulers[{i}]") for i, s in enumerate(hp["schedulers"])
+            filled_spec(s, f"{prefix}.schedulers[{i}]", depth + 1) for i, s in enumerate(hp["schedulers"])
         ]
     return {"name": cls.name, **hp}
 

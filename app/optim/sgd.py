@@ -51,7 +51,9 @@ class SGD(Optimizer):
             else:
                 self._update_reference([param], [grad], [state], hp)
 
-    def kernel_into(self, param: Array, grad: Array, state: State, hp: HP) -> tuple[Array, State] | None:
+    def kernel_into(
+        self, param: Array, grad: Array, state: State, hp: HP
+    ) -> tuple[Array, State, bool] | None:
         buf = state.get("momentum_buffer") if hp["momentum"] != 0 else None
         if not fused.usable(param, grad, buf):
             return None
@@ -60,14 +62,14 @@ class SGD(Optimizer):
             state = {**state, "momentum_buffer": np.zeros_like(param)}
             new_state["momentum_buffer"] = np.empty_like(param)
         new_param = np.empty_like(param)
-        self._fused(param, grad, state, hp, new_param, new_state)
-        return new_param, new_state
+        finite = self._fused(param, grad, state, hp, new_param, new_state)
+        return new_param, new_state, finite
 
     @staticmethod
-    def _fused(param: Array, grad: Array, state: State, hp: HP, new_param: Array, new: State) -> None:
+    def _fused(param: Array, grad: Array, state: State, hp: HP, new_param: Array, new: State) -> bool:
         """One step through the kernel from `param`/`state` into `new_param`/`new` (the same, in place)."""
         new["step"][()] = state["step"] + 1
-        fused.sgd_(
+        return fused.sgd_(
             param,
             grad,
             state.get("momentum_buffer") if hp["momentum"] != 0 else None,

@@ -211,7 +211,8 @@ def contract(table: Table) -> type:
             for t in range(3):
                 grads = [gradient(t, n, p, 0) for n, p in zip(params, in_place, strict=True)]
                 before = [p.copy() for p in in_place], [{k: v.copy() for k, v in s.items()} for s in states]
-                new_params, new_states = optimizer.step_into(in_place, grads, states, hp)
+                new_params, new_states, finite = optimizer.step_into(in_place, grads, states, hp)
+                assert finite == [True] * len(new_params)
                 for old, kept in zip(in_place, before[0], strict=True):
                     np.testing.assert_array_equal(old, kept)
                 for old_state, kept_state in zip(states, before[1], strict=True):
