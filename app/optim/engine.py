@@ -10,6 +10,7 @@ named arrays plus JSON metadata (no pickle) and back, bit-exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Mapping
@@ -346,18 +347,20 @@ class Engine:
         params, states = dict(self.params), dict(self.states)
         grads = prepared.grads
         nonfinite: list[str] = []
-        for names, hp in zip(self.group_params, self.groups, strict=True):
-            present = [n for n in names if n in grads]
-            if present:
-                new_params, new_states, finite = self.optimizer.step_into(
-                    [params[n] for n in present],
-                    [grads[n] for n in present],
-                    [states[n] for n in present],
-                    hp,
-                )
-                params.update(zip(present, new_params, strict=True))
-                states.update(zip(present, new_states, strict=True))
-                nonfinite.extend(n for n, ok in zip(present, finite, strict=True) if not ok)
+        # overflow to inf is not an error to warn of here: the results are checked, and `nonfinite` decides
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            for names, hp in zip(self.group_params, self.groups, strict=True):
+                present = [n for n in names if n in grads]
+                if present:
+                    new_params, new_states, finite = self.optimizer.step_into(
+                        [params[n] for n in present],
+                        [grads[n] for n in present],
+                        [states[n] for n in present],
+                        hp,
+                    )
+                    params.update(zip(present, new_params, strict=True))
+                    states.update(zip(present, new_states, strict=True))
+                    nonfinite.extend(n for n, ok in zip(present, finite, strict=True) if not ok)
         if nonfinite and self.options["nonfinite"] != "allow":
             if self.options["nonfinite"] == "skip":
                 return self, StepOutcome(self.step_count, self.lr, True, prepared.grad_norm)
@@ -529,7 +532,8 @@ class Engine:
         if self.scheduler is not None:
             probe, groups = copy.deepcopy(self.scheduler), copy.deepcopy(self.groups)
             probe.bind(groups)
-            probe.step(0.0)
+            with contextlib.suppress(ArithmeticError, ValueError):  # a schedule at its end: a 422 per step
+                probe.step(0.0)
         orjson.dumps([self.describe(), self.snapshot()[1]])  # what the session will answer and store
 
 
@@ -553,6 +557,13 @@ def _advanced_schedule(
                 f"{scheduler.name} would set group {i}'s lr to {lr!r}, not a finite number >= 0; "
                 "nothing was applied",
             )
+        for key in ("momentum", "betas"):  # what the momentum-cycling schedulers set
+            values = group.get(key)
+            if values is not None and not all(math.isfinite(v) for v in np.atleast_1d(values)):
+                raise StepError(
+                    "scheduler",
+                    f"{scheduler.name} would set group {i}'s {key} to {values!r}; nothing was applied",
+                )
     return groups, scheduler
 
 

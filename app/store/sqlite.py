@@ -101,8 +101,6 @@ class SqliteStore:
                 try:
                     return fn(self._db)
                 except sqlite3.Error as exc:
-                    if self._db.in_transaction:  # COMMIT itself failed
-                        self._db.execute("ROLLBACK")
                     raise StoreError(f"SQLite: {exc}") from exc
 
         return await anyio.to_thread.run_sync(locked)
@@ -115,10 +113,11 @@ class SqliteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(db)
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # COMMIT itself may fail, and leave it open
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
             return result
 
         return await self._call(run)

@@ -1,0 +1,240 @@
+"""Inputs that once broke a step half-way or the database: each is now a 4xx that names the field and
+changes nothing, and whatever the service accepted stays loadable, steppable and deletable."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from app.optim.engine import MAX_STEP
+from app.optim.schedulers import MAX_DEPTH
+from app.wire import safetensors
+from tests.api.helpers import ST, create, params_of, step
+from tests.conftest import AppClient
+
+SGD = {"optimizer": {"name": "sgd", "lr": 0.1}}
+W = {"w": np.ones(3, np.float32)}
+
+
+def nested(depth: int) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": "exponential_lr", "gamma": 0.9}
+    for _ in range(depth - 1):
+        spec = {"name": "sequential_lr", "schedulers": [spec], "milestones": []}
+    return spec
+
+
+async def state_of(client: httpx.AsyncClient, sid: str) -> tuple[bytes, Any]:
+    checkpoint = await client.get(f"/v1/sessions/{sid}/checkpoint")
+    history = await client.get(f"/v1/sessions/{sid}/history")
+    return checkpoint.content, history.json()
+
+
+def assert_problem(answer: httpx.Response, status: int, field: str) -> None:
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert field in answer.json()["detail"], answer.json()
+
+
+# (scheduler, good steps before the refusal, the field named): the scheduler's arithmetic fails at the
+# next advance, or sets an lr that makes the step after it leave the finite numbers
+FAILING_SCHEDULES = {
+    "multi_step_lr overflows": (
+        {"name": "multi_step_lr", "gamma": 10.0, "milestones": [1] * 400},
+        0,
+        "scheduler",
+    ),
+    "one_cycle_lr past its end": ({"name": "one_cycle_lr", "max_lr": 0.1, "total_steps": 3}, 3, "scheduler"),
+    "cyclic_lr exp_range to 4.5e295": (
+        {"name": "cyclic_lr", "base_lr": 0.01, "max_lr": 0.1, "mode": "exp_range", "gamma": 1e300},
+        1,
+        "params.w",
+    ),
+    "sequential_lr into polynomial_lr of 0 iterations": (
+        {
+            "name": "sequential_lr",
+            "schedulers": [{"name": "constant_lr"}, {"name": "polynomial_lr", "total_iters": 0}],
+            "milestones": [1],
+        },
+        0,
+        "scheduler",
+    ),
+    "polynomial_lr with power -1": (
+        {"name": "polynomial_lr", "power": -1.0, "total_iters": 2},
+        1,
+        "scheduler",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FAILING_SCHEDULES, ids=str)
+async def test_a_schedule_that_cannot_advance_is_a_422_that_changes_nothing(
+    client: httpx.AsyncClient, case: str
+) -> None:
+    scheduler, good, field = FAILING_SCHEDULES[case]
+    sid = await create(client, W, **SGD, scheduler=scheduler)
+    for _ in range(good):
+        assert (await step(client, sid, {"w": np.ones(3)})).status_code == 200
+    before = await state_of(client, sid)
+    for _ in range(2):  # and again: a refused step is refused the same way every time
+        answer = await step(client, sid, {"w": np.ones(3)}, headers={"Idempotency-Key": "k"})
+        assert_problem(answer, 422, field)
+        assert "nothing was applied" in answer.json()["detail"]
+        assert await state_of(client, sid) == before
+
+
+async def test_one_cycle_lr_says_where_its_schedule_ends(client: httpx.AsyncClient) -> None:
+    sid = await create(client, W, **SGD, scheduler={"name": "one_cycle_lr", "max_lr": 0.1, "total_steps": 2})
+    for _ in range(2):
+        await step(client, sid, {"w": np.ones(3)})
+    answer = await step(client, sid, {"w": np.ones(3)})
+    assert "total steps is 2" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize("fmt", ["json", "safetensors"])
+async def test_a_step_to_infinity_is_refused_skipped_or_applied_as_the_session_says(
+    client: httpx.AsyncClient, fmt: str
+) -> None:
+    spec = {"optimizer": {"name": "sgd", "lr": 1e30}}
+    headers = {"Accept": ST} if fmt == "safetensors" else None
+    refusing = await create(client, W, **spec)
+    before = await state_of(client, refusing)
+    assert_problem(await step(client, refusing, {"w": np.full(3, 1e30)}, fmt, headers), 422, "params.w")
+    assert await state_of(client, refusing) == before
+
+    skipping = await create(client, W, **spec, nonfinite="skip")
+    answer = await step(client, skipping, {"w": np.full(3, 1e30)}, fmt, headers)
+    assert answer.status_code == 200
+    np.testing.assert_array_equal(params_of(answer)["w"], W["w"])
+    assert (await client.get(f"/v1/sessions/{skipping}")).json()["step"] == 0
+
+    allowing = await create(client, W, **spec, nonfinite="allow")
+    answer = await step(client, allowing, {"w": np.full(3, 1e30)}, fmt, headers)
+    assert answer.status_code == 200
+    assert not np.isfinite(params_of(answer)["w"]).any()  # torch's own -inf (JSON: null)
+    assert (await client.get(f"/v1/sessions/{allowing}")).json()["step"] == 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({**SGD, "params": {"__metadata__": [1.0]}}, "__metadata__"),
+        ({**SGD, "params": {"x" * 257: [1.0]}}, "256"),
+        ({**SGD, "params": {"": [1.0]}}, "empty"),
+        ({**SGD, "scheduler": nested(MAX_DEPTH + 1)}, "nest at most"),
+        ({**SGD, "scheduler": {"name": "cosine_annealing_lr", "T_max": 1e300}}, "scheduler.T_max"),
+        ({**SGD, "scheduler": {"name": "multi_step_lr", "milestones": list(range(10_001))}}, "at most 10000"),
+        ({**SGD, "steps_per_epoch": 2**60}, "steps_per_epoch"),
+    ],
+    ids=[
+        "reserved name",
+        "long name",
+        "empty name",
+        "deep nesting",
+        "huge T_max",
+        "many milestones",
+        "epoch",
+    ],
+)
+async def test_out_of_bounds_specs_are_refused_and_store_nothing(
+    client: httpx.AsyncClient, spec: dict[str, Any], field: str
+) -> None:
+    body = {"params": {"w": [1.0]}, **spec}
+    assert_problem(await client.post("/v1/sessions", json=body), 422, field)
+    preview = await client.post(
+        "/v1/schedules/preview", json={"lr": 0.1, "scheduler": spec.get("scheduler", {}), "steps": 3}
+    )
+    if "scheduler" in spec:
+        assert_problem(preview, 422, field)
+    assert (await client.get("/v1/sessions")).json()["sessions"] == []
+
+
+async def test_a_restored_step_count_is_bounded(client: httpx.AsyncClient) -> None:
+    sid = await create(client, W, **SGD)
+    checkpoint = (await client.get(f"/v1/sessions/{sid}/checkpoint")).content
+    tensors, metadata = safetensors.decode(checkpoint)
+    saved = json.loads(metadata["optserve.checkpoint"])
+    for step_count in (2**63 - 1, MAX_STEP + 1, -1):
+        saved["engine"]["step"] = step_count
+        forged = safetensors.encode_bytes(tensors, {**metadata, "optserve.checkpoint": json.dumps(saved)})
+        answer = await client.post("/v1/sessions", content=forged, headers={"Content-Type": ST})
+        assert_problem(answer, 422, "checkpoint.step")
+    saved["engine"]["step"] = MAX_STEP
+    forged = safetensors.encode_bytes(tensors, {**metadata, "optserve.checkpoint": json.dumps(saved)})
+    last = (await client.post("/v1/sessions", content=forged, headers={"Content-Type": ST})).json()["id"]
+    assert_problem(await step(client, last, {"w": np.ones(3)}), 422, "step")
+    assert (await client.get(f"/v1/sessions/{last}")).json()["step"] == MAX_STEP
+
+
+EDGE_SPECS = {
+    "deepest nesting": {**SGD, "scheduler": nested(MAX_DEPTH)},
+    "longest name": {**SGD, "param_groups": None},
+    "many milestones": {**SGD, "scheduler": {"name": "multi_step_lr", "milestones": list(range(1, 10_001))}},
+    "one_cycle at its end": {**SGD, "scheduler": {"name": "one_cycle_lr", "max_lr": 0.1, "total_steps": 1}},
+}
+
+
+async def test_everything_accepted_stays_usable_after_a_restart(
+    make_client: AppClient, tmp_path: Any
+) -> None:
+    """On SQLite: sessions at every edge the spec allows are loaded, stepped (or refused with a 4xx),
+    checkpointed, restored and deleted by a fresh server on the same file."""
+    store = f"sqlite:///{tmp_path}/edges.db"
+    first = await make_client(store=store)
+    made = {}
+    for label, spec in EDGE_SPECS.items():
+        params = {"x" * 256: [1.0, 2.0]} if label == "longest name" else {"w": [1.0, 2.0]}
+        answer = await first.post(
+            "/v1/sessions", json={"params": params, **{k: v for k, v in spec.items() if v is not None}}
+        )
+        assert answer.status_code == 201, answer.text
+        made[label] = (answer.json()["id"], next(iter(params)))
+    restarted = await make_client(store=store)
+    for label, (sid, name) in made.items():
+        assert (await restarted.get(f"/v1/sessions/{sid}")).status_code == 200, label
+        for _ in range(2):
+            stepped = await step(restarted, sid, {name: np.ones(2)})
+            assert stepped.status_code in (200, 422), (label, stepped.text)
+        checkpoint = await restarted.get(f"/v1/sessions/{sid}/checkpoint")
+        assert checkpoint.status_code == 200, label
+        params = await restarted.get(f"/v1/sessions/{sid}/params", headers={"Accept": ST})
+        assert params.status_code == 200, label
+        restored = await restarted.post(
+            "/v1/sessions", content=checkpoint.content, headers={"Content-Type": ST}
+        )
+        assert restored.status_code == 201, (label, restored.text)
+        for gone in (sid, restored.json()["id"]):
+            assert (await restarted.delete(f"/v1/sessions/{gone}")).status_code == 204, label
+    assert (await restarted.get("/v1/sessions")).json()["sessions"] == []
+
+
+async def test_a_stored_session_that_cannot_be_read_is_named_and_can_be_deleted(
+    make_client: AppClient, tmp_path: Any
+) -> None:
+    import sqlite3
+
+    store = f"sqlite:///{tmp_path}/corrupt.db"
+    first = await make_client(store=store)
+    broken, future, fine = [await create(first, W, **SGD) for _ in range(3)]
+    db = sqlite3.connect(tmp_path / "corrupt.db")
+    db.execute("UPDATE sessions SET tensors = ? WHERE id = ?", (b"\x00garbage", broken))
+    newer = json.dumps({"format": 99})
+    db.execute("UPDATE sessions SET engine = ? WHERE id = ?", (newer, future))
+    db.commit()
+    db.close()
+    restarted = await make_client(store=store)
+    for sid in (broken, future):
+        for answer in (
+            await restarted.get(f"/v1/sessions/{sid}"),
+            await step(restarted, sid, {"w": np.ones(3)}),
+            await restarted.get(f"/v1/sessions/{sid}/checkpoint"),
+        ):
+            assert_problem(answer, 422, sid)
+            assert answer.json()["session_id"] == sid
+            assert "DELETE" in answer.json()["detail"]
+        assert (await restarted.delete(f"/v1/sessions/{sid}")).status_code == 204
+        assert (await restarted.get(f"/v1/sessions/{sid}")).status_code == 404
+    assert (await step(restarted, fine, {"w": np.ones(3)})).status_code == 200
