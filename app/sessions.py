@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import anyio
 import orjson
 
+from app.optim import checkpoint
 from app.optim.base import Array
 from app.optim.engine import Engine, StepOutcome
 from app.optim.hparams import SpecError
@@ -205,7 +206,7 @@ class SessionService:
                 raise NotFound(session_id)
             await self._check_owner(tenant, record.meta)
             try:
-                engine = await anyio.to_thread.run_sync(Engine.restore, record.tensors, record.engine)
+                engine = await anyio.to_thread.run_sync(checkpoint.restore, record.tensors, record.engine)
             except SpecError as exc:
                 raise UnreadableSession(session_id, str(exc)) from None
             cached = (record.meta, engine)
@@ -286,7 +287,7 @@ class SessionService:
             raise SpecError.one("checkpoint", f"metadata {CHECKPOINT_KEY!r} is not JSON") from None
         if not isinstance(saved, dict) or not isinstance(saved.get("engine"), dict):
             raise SpecError.one("checkpoint", "metadata does not describe a session")
-        engine = Engine.restore(tensors, saved["engine"])
+        engine = checkpoint.restore(tensors, saved["engine"])
         user_meta = saved.get("metadata") or {}
         if not isinstance(user_meta, dict) or not all(isinstance(v, str) for v in user_meta.values()):
             raise SpecError.one("checkpoint", "metadata `metadata` must be an object of string -> string")

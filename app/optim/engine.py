@@ -4,13 +4,12 @@ An engine is never changed once built: `advance` computes the next engine beside
 what the step writes, the same arrays for what it does not), and everything that can fail (validation,
 the update, non-finite results, the scheduler's arithmetic) fails before the caller has anything to
 swap in. So a step that fails at any stage leaves the session as it was with nothing to undo, and the
-caller's swap to the new engine is its one point of change. `snapshot`/`restore` turn an engine into
-named arrays plus JSON metadata (no pickle) and back, bit-exactly.
+caller's swap to the new engine is its one point of change. Validating a spec lives in `spec`, reading
+a checkpoint back in `checkpoint`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from collections.abc import Mapping
@@ -18,61 +17,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 
 from app.optim import clip
-from app.optim.base import Array, Optimizer, State
-from app.optim.hparams import Check, FieldError, HParam, SpecError, parse, to_json
+from app.optim.base import Array, State
+from app.optim.hparams import to_json
 from app.optim.registry import get_optimizer
-from app.optim.schedulers import Scheduler, build_scheduler, filled_spec
+from app.optim.schedulers import Scheduler, advance_epoch
+from app.optim.spec import SESSION_OPTIONS, validate
 
-PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 SNAPSHOT_FORMAT = 1
 # Step counts stay exact as JSON numbers in every language (IEEE doubles) and far from SQLite's int64.
 MAX_STEP = 2**53
-MAX_PARAMETERS = 10_000
-MAX_GROUPS = 1_000
-MAX_NAME_LENGTH = 256
-# safetensors keeps its metadata under this key: no tensor, so no parameter, may be called so
-RESERVED_NAME = "__metadata__"
-
-
-def name_errors(names: list[str]) -> list[FieldError]:
-    """What is wrong with a session's parameter names: too many, too long, empty or reserved."""
-    if len(names) > MAX_PARAMETERS:
-        return [FieldError("params", f"at most {MAX_PARAMETERS} parameters, got {len(names)}")]
-    return [
-        FieldError(
-            f"params.{name[:MAX_NAME_LENGTH]}", f"names are 1 to {MAX_NAME_LENGTH} characters, not {why}"
-        )
-        for name, why in ((n, _bad_name(n)) for n in names)
-        if why
-    ]
-
-
-def _bad_name(name: str) -> str | None:
-    if not name:
-        return "empty"
-    if len(name) > MAX_NAME_LENGTH:
-        return f"{len(name)} long"
-    return f"{RESERVED_NAME!r}, which safetensors reserves" if name == RESERVED_NAME else None
-
-
-SESSION_OPTIONS = (
-    HParam("steps_per_epoch", "int", 1, "optimizer steps per scheduler advance"),
-    HParam("clip_grad_norm", "float", None, "max L2 norm of all gradients (clip_grad_norm_)", nullable=True),
-    HParam(
-        "clip_grad_value", "float", None, "clamp each gradient to [-v, v] (clip_grad_value_)", nullable=True
-    ),
-    HParam(
-        "nonfinite",
-        "str",
-        "error",
-        "a NaN/Inf gradient, or a step that would make a parameter or state value NaN/Inf: 'error' "
-        "refuses the step (422), 'skip' skips it, 'allow' applies it as torch would",
-        choices=("error", "skip", "allow"),
-    ),
-)
 
 
 class StepError(ValueError):
@@ -100,10 +55,6 @@ class PreparedStep:
     loss: float | None
     grad_norm: float
     skipped: bool
-
-
-def _tuple_names(opt: Optimizer) -> set[str]:
-    return {p.name for p in opt.hparams if p.kind == "tuple"}
 
 
 class Engine:
@@ -144,120 +95,15 @@ class Engine:
 
     @classmethod
     def create(cls, options: Mapping[str, Any], params: Mapping[str, Array]) -> Engine:
-        """Validates the whole spec against the parameters; every problem is reported at once."""
-        errors = name_errors(list(params))
-        if not params:
-            errors.append(FieldError("params", "at least one parameter is required"))
-        if errors and len(params) > MAX_PARAMETERS:
-            raise SpecError(errors)
-        for name, value in params.items():
-            if value.dtype not in PARAM_DTYPES:
-                errors.append(FieldError(f"params.{name}", f"dtype {value.dtype} is not float32 or float64"))
-            elif not np.isfinite(value).all():
-                errors.append(FieldError(f"params.{name}", "contains NaN or Infinity"))
-        raw_opt = options.get("optimizer")
-        if not isinstance(raw_opt, Mapping):
-            raise SpecError([*errors, FieldError("optimizer", "required: an object with a `name`")])
-        opt = get_optimizer(raw_opt.get("name"))
-        session = {}
-        try:
-            base = parse(opt.hparams, raw_opt, "optimizer")
-            check = Check("optimizer")
-            opt.check(base, check)
-            check.done()
-        except SpecError as exc:
-            raise SpecError([*errors, *exc.errors]) from None
-        try:
-            session = parse(
-                SESSION_OPTIONS,
-                {k: v for k, v in options.items() if k in {p.name for p in SESSION_OPTIONS}},
-                "session",
-            )
-        except SpecError as exc:
-            errors.extend(FieldError(e.field.removeprefix("session."), e.message) for e in exc.errors)
-        if session.get("steps_per_epoch", 1) < 1:
-            errors.append(FieldError("steps_per_epoch", f"must be >= 1, got {session['steps_per_epoch']}"))
-        for key in ("clip_grad_norm", "clip_grad_value"):
-            if session.get(key) is not None and session[key] <= 0:
-                errors.append(FieldError(key, f"must be > 0, got {session[key]}"))
-        groups, group_params = cls._parse_groups(opt, base, options.get("param_groups"), list(params), errors)
-        for name, value in params.items():
-            why = opt.check_param(name, value.shape)
-            if why:
-                errors.append(FieldError(f"params.{name}", why))
-        if errors:
-            raise SpecError(errors)
-        raw_sched = options.get("scheduler")
-        scheduler = None
-        sched_spec = None
-        if raw_sched is not None:
-            if not isinstance(raw_sched, Mapping):
-                raise SpecError.one("scheduler", "expected an object with a `name`")
-            scheduler = build_scheduler(raw_sched, groups)
-            sched_spec = filled_spec(raw_sched, "scheduler")
-        normalized = {
-            "optimizer": {"name": opt.name, **to_json(base)},
-            "param_groups": [
-                {"params": names, **to_json(g)} for names, g in zip(group_params, groups, strict=True)
-            ],
-            "scheduler": sched_spec,
-            **session,
-        }
+        """A new session's engine: the spec validated (`spec.validate`), the parameters copied, the state
+        laid out as torch's lazy init would."""
+        valid = validate(options, params)
         owned = {name: np.array(value, copy=True, order="C") for name, value in params.items()}
         states = {}
-        for names, hp in zip(group_params, groups, strict=True):
+        for names, hp in zip(valid.group_params, valid.groups, strict=True):
             for name in names:
-                states[name] = opt.init_state(owned[name], hp)
-        return cls(normalized, owned, states, groups, group_params, scheduler)
-
-    @staticmethod
-    def _parse_groups(
-        opt: Optimizer,
-        base: dict[str, Any],
-        raw: Any,
-        names: list[str],
-        errors: list[FieldError],
-    ) -> tuple[list[dict[str, Any]], list[list[str]]]:
-        if raw is None:
-            return [dict(base)], [names]
-        if not isinstance(raw, list) or not raw:
-            errors.append(FieldError("param_groups", "expected a non-empty array of {params: [...], ...}"))
-            return [], []
-        if len(raw) > MAX_GROUPS:
-            errors.append(FieldError("param_groups", f"at most {MAX_GROUPS} groups, got {len(raw)}"))
-            return [], []
-        groups: list[dict[str, Any]] = []
-        group_params: list[list[str]] = []
-        seen: dict[str, int] = {}
-        for i, g in enumerate(raw):
-            prefix = f"param_groups[{i}]"
-            if not isinstance(g, Mapping) or not isinstance(g.get("params"), list):
-                errors.append(FieldError(prefix, "expected an object with `params`: an array of names"))
-                continue
-            members = g["params"]
-            for name in members:
-                if name not in names:
-                    errors.append(FieldError(f"{prefix}.params", f"unknown parameter {name!r}"))
-                elif name in seen:
-                    errors.append(
-                        FieldError(f"{prefix}.params", f"{name!r} is already in group {seen[name]}")
-                    )
-                else:
-                    seen[name] = i
-            try:
-                hp = parse(opt.hparams, g, prefix, ignore=("params",), defaults=base)
-                check = Check(prefix)
-                opt.check(hp, check)
-                check.done()
-            except SpecError as exc:
-                errors.extend(exc.errors)
-                continue
-            groups.append(hp)
-            group_params.append([str(n) for n in members])
-        missing = [n for n in names if n not in seen]
-        if missing:
-            errors.append(FieldError("param_groups", f"parameters in no group: {', '.join(missing)}"))
-        return groups, group_params
+                states[name] = valid.optimizer.init_state(owned[name], hp)
+        return cls(valid.options, owned, states, valid.groups, valid.group_params, valid.scheduler)
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -428,114 +274,6 @@ class Engine:
         }
         return tensors, meta
 
-    @classmethod
-    def restore(cls, tensors: Mapping[str, Array], meta: Mapping[str, Any]) -> Engine:
-        """Rebuilds an engine from `snapshot()` output; raises SpecError/StepError if it is inconsistent."""
-        if meta.get("format") != SNAPSHOT_FORMAT:
-            raise SpecError.one("checkpoint", f"unsupported snapshot format {meta.get('format')!r}")
-        try:
-            options = copy.deepcopy(dict(meta["options"]))
-            opt = get_optimizer(options["optimizer"]["name"])
-            tuples = _tuple_names(opt)
-            groups = [{k: tuple(v) if k in tuples else v for k, v in g.items()} for g in meta["groups"]]
-            params: dict[str, Array] = {}
-            for name in meta["param_names"]:
-                params[name] = np.array(tensors[f"params/{name}"], copy=True)
-            states: dict[str, State] = {name: {} for name in params}
-            for key, value in tensors.items():
-                if key.startswith("state/"):
-                    name, slot = key[len("state/") :].rsplit("/", 1)
-                    states[name][slot] = np.array(value, copy=True)
-            scheduler = None
-            if options.get("scheduler") is not None:
-                # building runs the constructor's initial step on the groups; the saved values then win
-                scheduler = build_scheduler(options["scheduler"], groups)
-                for group, saved in zip(groups, meta["groups"], strict=True):
-                    group.clear()
-                    group.update({k: tuple(v) if k in tuples else v for k, v in saved.items()})
-                scheduler.load_state_dict(meta["scheduler"])
-            engine = cls(
-                options,
-                params,
-                states,
-                groups,
-                [list(ns) for ns in meta["group_params"]],
-                scheduler,
-                int(meta["step"]),
-                [float(x) for x in meta["losses"]],
-            )
-            engine._verify_restored(tensors)
-            return engine
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
-            if isinstance(exc, SpecError):
-                raise
-            raise SpecError.one("checkpoint", f"inconsistent checkpoint: {exc!r}") from None
-
-    def _verify_restored(self, tensors: Mapping[str, Array]) -> None:
-        """A checkpoint is untrusted input: accept only what `snapshot` could have written, so that nothing
-        the session does later fails on it. Spec values are validated (and canonicalized) as `create` does,
-        every parameter's state must have exactly the slots, shapes and dtypes `init_state` gives it, no
-        tensor may be left over, and the scheduler must be able to advance."""
-
-        def bad(field: str, message: str) -> SpecError:
-            return SpecError.one(f"checkpoint.{field}", message)
-
-        opt = self.optimizer
-        raw_opt = self.options["optimizer"]
-        base = parse(opt.hparams, raw_opt, "checkpoint.optimizer")
-        check = Check("checkpoint.optimizer")
-        opt.check(base, check)
-        check.done()
-        self.options["optimizer"] = {"name": opt.name, **to_json(base)}
-        session = parse(
-            SESSION_OPTIONS, {p.name: self.options[p.name] for p in SESSION_OPTIONS}, "checkpoint"
-        )
-        if session["steps_per_epoch"] < 1 or any(
-            session[k] is not None and session[k] <= 0 for k in ("clip_grad_norm", "clip_grad_value")
-        ):
-            raise bad("options", "steps_per_epoch must be >= 1 and clip_grad_norm/clip_grad_value > 0")
-        self.options.update(session)
-        if self.options.get("scheduler") is not None:
-            self.options["scheduler"] = filled_spec(self.options["scheduler"], "checkpoint.scheduler")
-        members = [name for names in self.group_params for name in names]
-        if sorted(members) != sorted(self.params) or len(self.groups) != len(self.group_params):
-            raise bad("group_params", "the groups must hold every parameter exactly once")
-        expected = {f"params/{name}" for name in self.params}
-        for i, (names, hp) in enumerate(zip(self.group_params, self.groups, strict=True)):
-            declared = {p.name: hp[p.name] for p in opt.hparams if p.name in hp}
-            typed = parse(opt.hparams, declared, f"checkpoint.groups[{i}]", defaults=base)
-            check = Check(f"checkpoint.groups[{i}]")
-            opt.check(typed, check)
-            check.done()
-            hp.update(typed)
-            for name in names:
-                param = self.params[name]
-                why = opt.check_param(name, param.shape) if param.dtype in PARAM_DTYPES else "not float32/64"
-                if why:
-                    raise bad(f"params.{name}", why)
-                want, have = opt.init_state(param, hp), self.states.get(name, {})
-                if have.keys() != want.keys() or any(
-                    have[k].shape != v.shape or have[k].dtype != v.dtype for k, v in want.items()
-                ):
-                    raise bad(f"state.{name}", f"is not {opt.name}'s state for this parameter")
-                expected.update(f"state/{name}/{slot}" for slot in want)
-        stray = sorted(set(tensors) - expected)
-        if stray:
-            raise bad("tensors", f"unexpected tensors: {', '.join(stray[:5])}")
-        if not 0 <= self.step_count <= MAX_STEP or not all(math.isfinite(x) for x in self.losses):
-            raise bad(
-                "step", f"the step must be an integer from 0 to 2**53 ({MAX_STEP}) and the losses finite"
-            )
-        wrong_names = name_errors(list(self.params))
-        if wrong_names:
-            raise SpecError([FieldError(f"checkpoint.{e.field}", e.message) for e in wrong_names])
-        if self.scheduler is not None:
-            probe, groups = copy.deepcopy(self.scheduler), copy.deepcopy(self.groups)
-            probe.bind(groups)
-            with contextlib.suppress(ArithmeticError, ValueError):  # a schedule at its end: a 422 per step
-                probe.step(0.0)
-        orjson.dumps([self.describe(), self.snapshot()[1]])  # what the session will answer and store
-
 
 def _advanced_schedule(
     scheduler: Scheduler, groups: list[dict[str, Any]], losses: list[float]
@@ -544,9 +282,8 @@ def _advanced_schedule(
     groups = [dict(g) for g in groups]
     scheduler = copy.deepcopy(scheduler)
     scheduler.bind(groups)
-    metric = sum(losses) / len(losses) if scheduler.needs_metric else None
     try:
-        scheduler.step(metric)
+        advance_epoch(scheduler, losses)
     except (ArithmeticError, ValueError) as exc:
         raise StepError("scheduler", f"{scheduler.name} cannot advance: {exc}; nothing was applied") from None
     for i, group in enumerate(groups):
@@ -565,41 +302,3 @@ def _advanced_schedule(
                     f"{scheduler.name} would set group {i}'s {key} to {values!r}; nothing was applied",
                 )
     return groups, scheduler
-
-
-def preview_schedule(
-    lr: float | list[float],
-    scheduler: Mapping[str, Any],
-    steps: int,
-    steps_per_epoch: int = 1,
-    losses: list[float] | None = None,
-    optimizer: Mapping[str, Any] | None = None,
-) -> list[list[float]]:
-    """The lr of each group before each of `steps` steps, as a session with this spec would use it.
-
-    The groups carry `optimizer`'s hyperparameters (default SGD), so momentum-cycling schedulers work.
-    """
-    opt = get_optimizer((optimizer or {"name": "sgd"}).get("name"))
-    base = parse(opt.hparams, optimizer or {"name": "sgd"}, "optimizer")
-    lrs = lr if isinstance(lr, list) else [lr]
-    if steps_per_epoch < 1:
-        raise SpecError.one("steps_per_epoch", f"must be >= 1, got {steps_per_epoch}")
-    groups = [{**base, "lr": float(x)} for x in lrs]
-    sched = build_scheduler(scheduler, groups)
-    if sched.needs_metric:
-        needed = steps - steps % steps_per_epoch
-        if losses is None or len(losses) < needed:
-            raise SpecError.one(
-                "losses", f"reduce_lr_on_plateau needs a loss for each of the first {needed} steps"
-            )
-    out: list[list[float]] = [[] for _ in groups]
-    epoch_losses: list[float] = []
-    for t in range(steps):
-        for values, g in zip(out, groups, strict=True):
-            values.append(float(g["lr"]))
-        if losses is not None and t < len(losses):
-            epoch_losses.append(losses[t])
-        if (t + 1) % steps_per_epoch == 0:
-            sched.step(sum(epoch_losses) / len(epoch_losses) if sched.needs_metric else None)
-            epoch_losses.clear()
-    return out

@@ -1086,6 +1086,12 @@ def filled_spec(spec: Mapping[str, Any], prefix: str = "scheduler", depth: int =
     return {"name": cls.name, **hp}
 
 
+def advance_epoch(scheduler: Scheduler, losses: list[float]) -> None:
+    """The advance at the end of an epoch, as the torch loop's `sched.step()`; reduce_lr_on_plateau steps
+    on the mean of the epoch's losses."""
+    scheduler.step(sum(losses) / len(losses) if scheduler.needs_metric else None)
+
+
 def scheduler_catalogue() -> list[dict[str, Any]]:
     return [
         {

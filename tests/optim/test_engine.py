@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from app.optim.engine import Engine, StepError, preview_schedule
+from app.optim.checkpoint import restore
+from app.optim.engine import Engine, StepError
 from app.optim.hparams import SpecError
+from app.optim.preview import preview_schedule
 from tests.optim.oracle import TOL, gradient, initial_params
 
 SHAPES = {"w": (4, 3), "b": (3,)}
@@ -170,7 +172,7 @@ def test_snapshot_restore_continues_bit_exactly_through_json() -> None:
     }
     _, straight = engine_run(Engine.create(options, init), 20)
     tensors, meta = straight.snapshot()
-    restored = Engine.restore({k: v.copy() for k, v in tensors.items()}, json.loads(json.dumps(meta)))
+    restored = restore({k: v.copy() for k, v in tensors.items()}, json.loads(json.dumps(meta)))
     a, straight = engine_run(straight, 30, start=20)
     b, restored = engine_run(restored, 30, start=20)
     for x, y in zip(a, b, strict=True):

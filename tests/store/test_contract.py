@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from app.optim.checkpoint import restore
 from app.optim.engine import Engine
 from app.sessions import record_of
 from app.store.base import HistoryRow, IdempotencyRecord, SessionMeta, SessionRecord, Store
@@ -24,7 +25,7 @@ def new_engine(values: list[float] | None = None) -> Engine:
 
 
 def clone(engine: Engine) -> Engine:
-    return Engine.restore(*engine.snapshot())
+    return restore(*engine.snapshot())
 
 
 def as_record(meta: SessionMeta, engine: Engine) -> SessionRecord:
@@ -32,7 +33,7 @@ def as_record(meta: SessionMeta, engine: Engine) -> SessionRecord:
 
 
 def engine_of(record: SessionRecord) -> Engine:
-    return Engine.restore(record.tensors, record.engine)
+    return restore(record.tensors, record.engine)
 
 
 def new_meta(session_id: str = "s_contract", tenant: str = "t1", **fields: object) -> SessionMeta:

@@ -12,7 +12,7 @@ from starlette.responses import Response
 from app.api.bodies import json_response
 from app.api.deps import Body, JsonAnswer, Tenant
 from app.api.openapi import OPTIMIZERS_RESPONSE, PREVIEW_RESPONSE, SCHEDULERS_RESPONSE
-from app.optim.engine import preview_schedule
+from app.optim.preview import preview_schedule
 from app.optim.registry import optimizer_catalogue
 from app.optim.schedulers import scheduler_catalogue
 from app.wire.negotiate import JSON
