@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 
 from app import __version__
 from app.api import errors
+from app.api.deps import InflightBytes
 from app.api.openapi import COMPONENTS, STEP_OPERATION
 from app.api.routes import catalogue, health, sessions, step
 from app.metrics import Metrics, MetricsMiddleware
@@ -67,7 +68,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     keep_freed_memory_for_reuse()
     store = open_store(settings)
-    service = SessionService(store, ttl=settings.session_ttl, cache_bytes=settings.cache_bytes)
+    service = SessionService(
+        store,
+        ttl=settings.session_ttl,
+        cache_bytes=settings.cache_bytes,
+        max_session_bytes=settings.max_session_bytes,
+    )
     metrics = Metrics()
     counted = {skipped: metrics.steps.labels(str(skipped).lower()) for skipped in (False, True)}
     service.on_step = lambda outcome: counted[outcome.skipped].inc()
@@ -99,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.state.metrics = metrics
     app.state.api_keys = keys
+    app.state.inflight = InflightBytes(settings.max_inflight_bytes)
     errors.install(app)
     app.router.routes.append(step.route)
     for router in (sessions.router, catalogue.router, health.router):

@@ -125,6 +125,13 @@ def summary(meta: SessionMeta, step: int, lr: list[float]) -> dict[str, Any]:
     }
 
 
+async def _off_the_loop_if(heavy: bool, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, in a worker thread when it is `heavy` (the event loop keeps answering meanwhile)."""
+    if not heavy:
+        return fn(*args)
+    return await anyio.to_thread.run_sync(fn, *args)
+
+
 def new_session_id() -> str:
     return "s_" + secrets.token_urlsafe(12)
 
@@ -138,9 +145,11 @@ class SessionService:
         *,
         ttl: float | None = None,
         cache_bytes: int = 1 << 30,
+        max_session_bytes: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.max_session_bytes = max_session_bytes
         self.ttl = ttl
         self.clock = clock
         self._cache: OrderedDict[str, tuple[SessionMeta, Engine]] = OrderedDict()
@@ -269,7 +278,10 @@ class SessionService:
         params: Mapping[str, Array],
         metadata: Mapping[str, str],
     ) -> SessionInfo:
-        engine = Engine.create(options, params)
+        numel = sum(p.size for p in params.values())
+        engine = await _off_the_loop_if(
+            numel >= INLINE_NUMEL or len(params) > 100, Engine.create, options, params, self.max_session_bytes
+        )
         return await self._insert(tenant, engine, metadata)
 
     async def restore(
@@ -287,7 +299,16 @@ class SessionService:
             raise SpecError.one("checkpoint", f"metadata {CHECKPOINT_KEY!r} is not JSON") from None
         if not isinstance(saved, dict) or not isinstance(saved.get("engine"), dict):
             raise SpecError.one("checkpoint", "metadata does not describe a session")
-        engine = checkpoint.restore(tensors, saved["engine"])
+        numel = sum(t.size for t in tensors.values())
+        engine = await _off_the_loop_if(
+            numel >= INLINE_NUMEL or len(tensors) > 100, checkpoint.restore, tensors, saved["engine"]
+        )
+        limit = self.max_session_bytes
+        if limit is not None and engine.nbytes > limit:
+            raise SpecError.one(
+                "checkpoint",
+                f"the session takes {engine.nbytes} bytes, past OPTSERVE_MAX_SESSION_BYTES={limit}",
+            )
         user_meta = saved.get("metadata") or {}
         if not isinstance(user_meta, dict) or not all(isinstance(v, str) for v in user_meta.values()):
             raise SpecError.one("checkpoint", "metadata `metadata` must be an object of string -> string")

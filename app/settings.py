@@ -19,6 +19,13 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(None, description="comma-separated bearer keys; unset = open mode")
     api_keys_file: Path | None = Field(None, description="file with one key per line")
     max_body_bytes: int = Field(1 << 30, description="largest request body accepted (413 above)")
+    max_inflight_bytes: int = Field(
+        2 << 30, description="bytes all request bodies being received may hold together (503 above)"
+    )
+    body_timeout: float = Field(60.0, description="seconds a request body may take to arrive (408 after)")
+    max_session_bytes: int = Field(
+        4 << 30, description="bytes one session's parameters and optimizer state may take (422 above)"
+    )
     session_ttl: float | None = Field(None, description="seconds of idleness after which a session expires")
     cache_bytes: int = Field(1 << 30, description="memory for live sessions cached over a durable store")
     history_limit: int = Field(10_000, description="history rows kept per session")

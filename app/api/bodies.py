@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from app.optim.base import Array
 from app.optim.engine import StepOutcome
+from app.optim.spec import MAX_PARAMETERS
 from app.wire import jsontensor, safetensors
 from app.wire.common import FLOAT_DTYPES as GRAD_DTYPES
 from app.wire.common import PARAM_DTYPES
@@ -51,6 +52,8 @@ def _object(body: Any, allowed: tuple[str, ...], what: str) -> dict[str, Any]:
 def _tensors(value: Any, field: str, default_dtype: str, allowed: Collection[str]) -> dict[str, Array]:
     if not isinstance(value, dict):
         raise WireError("expected an object of name -> tensor", field=field)
+    if len(value) > MAX_PARAMETERS:  # before decoding any: a session has no more parameters than this
+        raise WireError(f"at most {MAX_PARAMETERS} tensors, got {len(value)}", field=field)
     return {
         str(name): jsontensor.decode_tensor(v, default_dtype, f"{field}.{name}", allowed)
         for name, v in value.items()
@@ -94,7 +97,9 @@ def _meta_float(metadata: Mapping[str, str], key: str) -> float | None:
         raise WireError(f"metadata {key!r} must be a number, got {raw!r}", field=key) from None
 
 
-def parse_create(body: bytes | bytearray) -> tuple[dict[str, Any], dict[str, Array], dict[str, str]]:
+def parse_create(
+    body: bytes | bytearray | memoryview,
+) -> tuple[dict[str, Any], dict[str, Array], dict[str, str]]:
     """A JSON create body: (options, params, metadata)."""
     data = _object(jsontensor.loads(body), CREATE_KEYS, "create")
     if "params" not in data:
@@ -106,7 +111,7 @@ def parse_create(body: bytes | bytearray) -> tuple[dict[str, Any], dict[str, Arr
     return data, params, metadata
 
 
-def parse_step(body: bytes | bytearray, fmt: Format) -> StepBody:
+def parse_step(body: bytes | bytearray | memoryview, fmt: Format) -> StepBody:
     if fmt == "safetensors":
         grads, metadata = safetensors.decode(body, GRAD_DTYPES)
         return StepBody(grads, _meta_int(metadata, "step"), _meta_float(metadata, "loss"))
@@ -117,7 +122,7 @@ def parse_step(body: bytes | bytearray, fmt: Format) -> StepBody:
     return StepBody(grads, _int(data.get("step"), "step"), _number(data.get("loss"), "loss"))
 
 
-def parse_params(body: bytes | bytearray, fmt: Format) -> dict[str, Array]:
+def parse_params(body: bytes | bytearray | memoryview, fmt: Format) -> dict[str, Array]:
     if fmt == "safetensors":
         tensors, _ = safetensors.decode(body, PARAM_DTYPES)
         return tensors

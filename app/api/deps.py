@@ -6,6 +6,9 @@ import hashlib
 import hmac
 from typing import Annotated
 
+import anyio
+import numpy as np
+import numpy.typing as npt
 from fastapi import Depends, Header, Request
 
 from app.api.errors import ApiError
@@ -13,6 +16,7 @@ from app.sessions import SessionService
 from app.wire.negotiate import JSON, NotAcceptable, response_format
 
 OPEN_TENANT = ""
+Buffer = bytes | bytearray | memoryview
 
 
 def tenant_of(key: str) -> str:
@@ -45,41 +49,88 @@ async def get_tenant(request: Request, authorization: Annotated[str | None, Head
     return tenant_of(match.decode())
 
 
-async def read_body(request: Request) -> bytes | bytearray:
-    """The request body, refused with 413 as soon as it is known to exceed the limit.
+class InflightBytes:
+    """The bytes reserved by request bodies being received, against `OPTSERVE_MAX_INFLIGHT_BYTES`."""
 
-    With a Content-Length the body is received straight into one buffer of that size (no regrowth);
-    a body that arrives in a single message is used as it is, without any copy.
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, nbytes: int) -> None:
+        if self.used + nbytes > self.limit:
+            raise ApiError(
+                503,
+                "Busy",
+                f"bodies being received already hold {self.used} bytes; this one needs {nbytes} more, past "
+                f"OPTSERVE_MAX_INFLIGHT_BYTES={self.limit}: retry",
+                {"Retry-After": "1"},
+            )
+        self.used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+
+async def read_body(request: Request) -> Buffer:
+    """The request body, bounded before it costs anything.
+
+    Larger than `OPTSERVE_MAX_BODY_BYTES` (declared or received): 413. Not complete within
+    `OPTSERVE_BODY_TIMEOUT` seconds, however slowly it trickles: 408. Memory is taken as bytes arrive,
+    never on a Content-Length's word: nothing is reserved before the body's first bytes are there, and the
+    buffer then reserved for the declared size is uninitialized memory, whose pages the system provides
+    only as bytes are written into them (a client that declares 1 GB and sends 2 bytes costs 2 bytes).
+    Reservations of the bodies being received count against `OPTSERVE_MAX_INFLIGHT_BYTES` (503 with
+    Retry-After past it). A body that arrives in one piece is used as it is, without a copy; a longer
+    one is received straight into its buffer, so the large step keeps its speed.
     """
-    limit: int = request.app.state.settings.max_body_bytes
+    settings = request.app.state.settings
+    limit: int = settings.max_body_bytes
     declared = request.headers.get("content-length")
     expected = int(declared) if declared is not None and declared.isdigit() else None
     if expected is not None and expected > limit:
-        raise ApiError(413, "Body too large", f"body of {expected} bytes exceeds the limit of {limit} bytes")
+        raise _too_large(f"a body of {expected} bytes", limit)
+    inflight: InflightBytes = request.app.state.inflight
+    reserved = 0
     first = b""
-    buffer: bytearray | None = None
+    buffer: npt.NDArray[np.uint8] | None = None
     size = 0
-    async for chunk in request.stream():
-        if not chunk:
-            continue
-        if not first and buffer is None:
-            first = chunk
-            size = len(chunk)
-        else:
-            if buffer is None:
-                buffer = bytearray(max(expected or 0, size + len(chunk)))
-                buffer[:size] = first
-            end = size + len(chunk)
-            if end > len(buffer):
-                buffer.extend(bytes(end - len(buffer)))
-            buffer[size:end] = chunk
-            size = end
-        if size > limit:
-            raise ApiError(413, "Body too large", f"body exceeds the limit of {limit} bytes")
+    try:
+        with anyio.fail_after(settings.body_timeout):
+            async for chunk in request.stream():
+                if not chunk:
+                    continue
+                end = size + len(chunk)
+                if end > limit:
+                    raise _too_large("the body", limit)
+                if not first and buffer is None:
+                    first, size = chunk, end
+                    continue
+                if buffer is None or end > len(buffer):
+                    # the declared size, or (without one, or past it) twice what has arrived
+                    capacity = min(limit, max(end, expected or 0, 2 * size))
+                    inflight.reserve(capacity - reserved)
+                    reserved = capacity
+                    grown = np.empty(capacity, np.uint8)
+                    grown[:size] = np.frombuffer(first, np.uint8) if buffer is None else buffer[:size]
+                    buffer = grown
+                buffer[size:end] = np.frombuffer(chunk, np.uint8)
+                size = end
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "Request timeout",
+            f"the body did not arrive within OPTSERVE_BODY_TIMEOUT={settings.body_timeout} seconds",
+            {"Connection": "close"},
+        ) from None
+    finally:
+        inflight.release(reserved)
     if buffer is None:
         return first
-    del buffer[size:]
-    return buffer
+    return buffer[:size].data
+
+
+def _too_large(what: str, limit: int) -> ApiError:
+    return ApiError(413, "Body too large", f"{what} exceeds OPTSERVE_MAX_BODY_BYTES={limit}")
 
 
 async def json_only(request: Request) -> None:
@@ -90,5 +141,5 @@ async def json_only(request: Request) -> None:
 
 Service = Annotated[SessionService, Depends(get_service)]
 Tenant = Annotated[str, Depends(get_tenant)]
-Body = Annotated[bytes | bytearray, Depends(read_body)]
+Body = Annotated[Buffer, Depends(read_body)]
 JsonAnswer = Depends(json_only)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -110,6 +112,14 @@ class Adafactor(Optimizer):
             "weight_decay",
             f"weight_decay should be >= 0 but is: {hp['weight_decay']}",
         )
+
+    def state_nbytes(self, shape: tuple[int, ...], dtype: np.dtype[Any], hp: HP) -> int:
+        """The step, and the two factors of a matrix (or of each matrix of a stack), or a full variance."""
+        size = np.dtype(dtype).itemsize
+        if len(shape) > 1:
+            stack = math.prod(shape[:-2])
+            return 8 + size * stack * (shape[-2] + shape[-1])
+        return 8 + size * math.prod(shape)
 
     def init_state(self, param: Array, hp: HP) -> State:
         state = {"step": new_step()}

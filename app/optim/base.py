@@ -6,6 +6,7 @@ maths (`exp_avg`, `momentum_buffer`, `step`), so a session can be stored and che
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -49,6 +50,17 @@ class Optimizer(ABC):
     @abstractmethod
     def init_state(self, param: Array, hp: HP) -> State:
         """Preallocated state slots for one parameter, as torch's lazy init would fill them."""
+
+    def state_nbytes(self, shape: tuple[int, ...], dtype: np.dtype[Any], hp: HP) -> int:
+        """The bytes `init_state` allocates for a parameter of this shape, known before allocating: from
+        `init_state` on a one-element stand-in, every slot shaped like it scaled to the real size (an
+        optimizer whose slots are shaped otherwise, as Adafactor's factors, overrides this)."""
+        stand_in = np.zeros((1,) * len(shape), dtype=dtype)
+        numel = math.prod(shape)
+        return sum(
+            v.nbytes * (numel if v.shape == stand_in.shape else 1)
+            for v in self.init_state(stand_in, hp).values()
+        )
 
     @abstractmethod
     def update(

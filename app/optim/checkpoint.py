@@ -95,6 +95,7 @@ def _verify(self: Engine, tensors: Mapping[str, Array]) -> None:
         for name in names:
             param = self.params[name]
             why = opt.check_param(name, param.shape) if param.dtype in PARAM_DTYPES else "not float32/64"
+            why = why or ("has no elements" if param.size == 0 else None)
             if why:
                 raise bad(f"params.{name}", why)
             want, have = opt.init_state(param, hp), self.states.get(name, {})

@@ -94,10 +94,12 @@ class Engine:
     # -- creation ---------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, options: Mapping[str, Any], params: Mapping[str, Array]) -> Engine:
-        """A new session's engine: the spec validated (`spec.validate`), the parameters copied, the state
-        laid out as torch's lazy init would."""
-        valid = validate(options, params)
+    def create(
+        cls, options: Mapping[str, Any], params: Mapping[str, Array], max_bytes: int | None = None
+    ) -> Engine:
+        """A new session's engine: the spec validated (`spec.validate`, within `max_bytes`), the
+        parameters copied, the state laid out as torch's lazy init would."""
+        valid = validate(options, params, max_bytes)
         owned = {name: np.array(value, copy=True, order="C") for name, value in params.items()}
         states = {}
         for names, hp in zip(valid.group_params, valid.groups, strict=True):

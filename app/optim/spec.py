@@ -72,6 +72,8 @@ class SessionSpec:
     group_params: list[list[str]]
     scheduler: Scheduler | None
     options: dict[str, Any]
+    nbytes: int
+    """What the session's parameters and optimizer state will take, counted from their shapes."""
 
 
 def checked(
@@ -118,8 +120,13 @@ def _under(prefix: str, field: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def validate(options: Mapping[str, Any], params: Mapping[str, Array]) -> SessionSpec:
-    """The whole spec of a new session against its parameters; SpecError lists every problem at once."""
+def validate(
+    options: Mapping[str, Any], params: Mapping[str, Array], max_bytes: int | None = None
+) -> SessionSpec:
+    """The whole spec of a new session against its parameters; SpecError lists every problem at once.
+
+    `max_bytes` bounds the parameters plus every optimizer state slot, as counted from the shapes before
+    any slot is allocated (`OPTSERVE_MAX_SESSION_BYTES`)."""
     errors = name_errors(list(params))
     if not params:
         errors.append(FieldError("params", "at least one parameter is required"))
@@ -128,6 +135,8 @@ def validate(options: Mapping[str, Any], params: Mapping[str, Array]) -> Session
     for name, value in params.items():
         if value.dtype not in PARAM_DTYPES:
             errors.append(FieldError(f"params.{name}", f"dtype {value.dtype} is not float32 or float64"))
+        elif value.size == 0:  # torch steps it, but Adafactor's factors of a [0, n] matrix are n long
+            errors.append(FieldError(f"params.{name}", f"shape {list(value.shape)} has no elements"))
         elif not np.isfinite(value).all():
             errors.append(FieldError(f"params.{name}", "contains NaN or Infinity"))
     raw_opt = options.get("optimizer")
@@ -166,7 +175,30 @@ def validate(options: Mapping[str, Any], params: Mapping[str, Array]) -> Session
         "scheduler": sched_spec,
         **session,
     }
-    return SessionSpec(opt, groups, group_params, scheduler, normalized)
+    shapes = {n: (p.shape, p.dtype) for n, p in params.items()}
+    nbytes = session_nbytes(opt, groups, group_params, shapes)
+    if max_bytes is not None and nbytes > max_bytes:
+        raise SpecError.one(
+            "params",
+            f"the parameters and {opt.name}'s state would take {nbytes} bytes, past "
+            f"OPTSERVE_MAX_SESSION_BYTES={max_bytes}",
+        )
+    return SessionSpec(opt, groups, group_params, scheduler, normalized, nbytes)
+
+
+def session_nbytes(
+    opt: Optimizer,
+    groups: list[dict[str, Any]],
+    group_params: list[list[str]],
+    shapes: Mapping[str, tuple[tuple[int, ...], np.dtype[Any]]],
+) -> int:
+    """Parameters plus optimizer state, in bytes, from the shapes alone."""
+    total = 0
+    for names, hp in zip(group_params, groups, strict=True):
+        for name in names:
+            shape, dtype = shapes[name]
+            total += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize + opt.state_nbytes(shape, dtype, hp)
+    return total
 
 
 def parse_groups(

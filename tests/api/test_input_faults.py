@@ -238,3 +238,28 @@ async def test_a_stored_session_that_cannot_be_read_is_named_and_can_be_deleted(
         assert (await restarted.delete(f"/v1/sessions/{sid}")).status_code == 204
         assert (await restarted.get(f"/v1/sessions/{sid}")).status_code == 404
     assert (await step(restarted, fine, {"w": np.ones(3)})).status_code == 200
+
+
+async def test_a_session_past_the_byte_limit_is_refused_before_its_state_exists(
+    make_client: AppClient,
+) -> None:
+    client = await make_client(max_session_bytes=10_000)
+    body = {"optimizer": {"name": "adam"}, "params": {"w": [0.0] * 1000}}  # 4 kB of float32, 8 kB of state
+    answer = await client.post("/v1/sessions", json=body)
+    assert_problem(answer, 422, "OPTSERVE_MAX_SESSION_BYTES=10000")
+    assert "12008 bytes" in answer.json()["detail"]
+    body["optimizer"] = {"name": "sgd"}  # no state beside the 1-element step counter
+    assert (await client.post("/v1/sessions", json=body)).status_code == 201
+
+
+async def test_a_preview_is_bounded_in_steps_times_groups(client: httpx.AsyncClient) -> None:
+    spec = {"name": "step_lr", "step_size": 10}
+    answer = await client.post(
+        "/v1/schedules/preview", json={"lr": [0.1] * 2, "scheduler": spec, "steps": 50_001}
+    )
+    assert_problem(answer, 422, "at most 100000")
+    answer = await client.post(
+        "/v1/schedules/preview", json={"lr": [0.1] * 2, "scheduler": spec, "steps": 50_000}
+    )
+    assert answer.status_code == 200
+    assert len(answer.json()["lr"][1]) == 50_000

@@ -228,6 +228,17 @@ def contract(table: Table) -> type:
                         np.testing.assert_array_equal(new_state[slot], value, err_msg=slot)
                 states = new_states
 
+        @pytest.mark.parametrize("options", table.state_options, ids=spec_id)
+        def test_state_bytes_are_known_before_the_state_is_allocated(self, options: Spec) -> None:
+            """What `OPTSERVE_MAX_SESSION_BYTES` is checked against, from the shape alone."""
+            optimizer = get_optimizer(name)
+            hp = parse(optimizer.hparams, options, "optimizer")
+            shapes = [(5, 4), (7, 3), (1, 9)] if name == "muon" else [(), (7,), (5, 4), (2, 3, 4)]
+            for shape, dtype in itertools.product(shapes, DTYPES):
+                real = optimizer.init_state(np.zeros(shape, dtype), hp)
+                expected = sum(v.nbytes for v in real.values())
+                assert optimizer.state_nbytes(shape, np.dtype(dtype), hp) == expected, (shape, dtype)
+
         def test_hyperparameters_match_the_torch_constructor(self) -> None:
             """Names, defaults and order as torch's signature, minus the implementation switches."""
             signature = inspect.signature(torch_cls.__init__).parameters.values()

@@ -168,3 +168,12 @@ def test_adafactor_defaults_and_order_are_torchs() -> None:
     defaults = torch.optim.Adafactor([torch.zeros(2, requires_grad=True)]).defaults
     for p in Adafactor.hparams:
         assert p.default == defaults[p.name], p.name
+
+
+@pytest.mark.parametrize("shape", [(), (4,), (5, 4), (2, 3, 4), (1, 100_000)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adafactor_state_bytes_are_known_before_the_state_is_allocated(shape: tuple, dtype: type) -> None:
+    opt = Adafactor()
+    hp = parse(opt.hparams, {}, "optimizer")
+    expected = sum(v.nbytes for v in opt.init_state(np.zeros(shape, dtype), hp).values())
+    assert opt.state_nbytes(shape, np.dtype(dtype), hp) == expected

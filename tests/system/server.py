@@ -33,8 +33,15 @@ def terminate(proc: subprocess.Popen[bytes] | None) -> None:
 
 class Server:
     def __init__(
-        self, store: str, port: int | None = None, env: dict[str, str] | None = None, log: Path | None = None
+        self,
+        store: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        prefix: list[str] | None = None,
     ):
+        """`prefix` runs the server under a command, e.g. `["prlimit", "--as=4000000000"]`."""
+        self.prefix = prefix or []
         self.store = store
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -43,7 +50,10 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> Server:
-        cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port), "--store", self.store]
+        cmd = [
+            *self.prefix,
+            *(sys.executable, "-m", "app.cli", "serve", "--port", str(self.port), "--store", self.store),
+        ]
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=self.env)
         deadline = time.monotonic() + timeout
@@ -64,6 +74,14 @@ class Server:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+    def rss(self) -> int:
+        """The server's resident memory in bytes (Linux)."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
 
     def stop(self) -> None:
         terminate(self.proc)
