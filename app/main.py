@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -53,7 +54,8 @@ def keep_freed_memory_for_reuse() -> None:
 
     A step allocates and frees buffers as large as the model (the body, the answer, temporaries); by
     default glibc maps each one fresh and unmaps it on free, so every step pays a page fault per 4 KiB
-    touched: 10 ms of a 40 MB step. Reused heap memory costs none; the process keeps its peak size.
+    touched: 10 ms of a 40 MB step. Reused heap memory costs none; it goes back to the system once the
+    server is idle (`_return_memory_when_idle`), so a spike does not stay resident.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -62,6 +64,28 @@ def keep_freed_memory_for_reuse() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 1 << 30)
     libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
+def trim_freed_memory() -> None:
+    """Gives the memory glibc keeps for reuse back to the system (`malloc_trim`; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+async def _return_memory_when_idle(metrics: Metrics, idle_seconds: float) -> None:
+    """While requests keep coming, freed buffers stay for the next large step to reuse; once the server
+    has been idle for `idle_seconds`, they go back to the system, so a spike does not stay resident."""
+    trimmed_at = time.monotonic()
+    while True:
+        await asyncio.sleep(min(1.0, idle_seconds))
+        now = time.monotonic()
+        if (
+            metrics.in_flight == 0
+            and metrics.last_done > trimmed_at
+            and now - metrics.last_done >= idle_seconds
+        ):
+            trimmed_at = now
+            await anyio.to_thread.run_sync(trim_freed_memory)  # ctypes lets go of the GIL meanwhile
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -88,9 +112,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # compile (or load from numba's cache) the fused kernels now, so no step pays for it
         await anyio.to_thread.run_sync(fused.warm_up)
         sweeper = asyncio.create_task(_expire_forever(service)) if settings.session_ttl else None
+        trimmer = asyncio.create_task(_return_memory_when_idle(metrics, settings.idle_trim_seconds))
         try:
             yield
         finally:
+            trimmer.cancel()
             if sweeper is not None:
                 sweeper.cancel()
             await store.close()

@@ -34,6 +34,9 @@ class Metrics:
         self.sessions = Gauge(
             "optserve_sessions_cached", "live sessions in this process", registry=self.registry
         )
+        # requests being handled now, and when the last one ended: when the server is idle
+        self.in_flight = 0
+        self.last_done = time.monotonic()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -52,6 +55,7 @@ class MetricsMiddleware:
         start = time.perf_counter()
         status = 500
         received = sent = 0
+        self.metrics.in_flight += 1
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -70,6 +74,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, counting_receive, counting_send)
         finally:
+            self.metrics.in_flight -= 1
+            self.metrics.last_done = time.monotonic()
             route = getattr(scope.get("route"), "path", "unmatched")
             key = (scope["method"], route, status)
             children = self._children.get(key)

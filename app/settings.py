@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     max_session_bytes: int = Field(
         4 << 30, description="bytes one session's parameters and optimizer state may take (422 above)"
     )
+    idle_trim_seconds: float = Field(
+        2.0, gt=0, description="idle seconds after which memory freed since is given back to the system"
+    )
     session_ttl: float | None = Field(None, description="seconds of idleness after which a session expires")
     cache_bytes: int = Field(1 << 30, description="memory for live sessions cached over a durable store")
     history_limit: int = Field(10_000, description="history rows kept per session")

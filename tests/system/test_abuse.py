@@ -16,17 +16,23 @@ import httpx
 import numpy as np
 import pytest
 
+from app.wire import safetensors
 from tests.api.helpers import tensor_json
 from tests.system.server import Server
 
 BODY_TIMEOUT = 3.0
+IDLE_TRIM = 1.0
 MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("abuse") / "server.log"
-    env = {"OPTSERVE_BODY_TIMEOUT": str(BODY_TIMEOUT), "OPTSERVE_MAX_INFLIGHT_BYTES": str(2 << 30)}
+    env = {
+        "OPTSERVE_BODY_TIMEOUT": str(BODY_TIMEOUT),
+        "OPTSERVE_MAX_INFLIGHT_BYTES": str(2 << 30),
+        "OPTSERVE_IDLE_TRIM_SECONDS": str(IDLE_TRIM),
+    }
     with Server("memory://", env=env, log=log, prefix=["prlimit", "--as=4000000000"]) as running:
         yield running
 
@@ -88,6 +94,17 @@ def answer_status(sock: socket.socket) -> int:
             break
         data += chunk
     return int(data.split(b" ", 2)[1]) if data else 0
+
+
+def big_checkpoint(client: httpx.Client, numel: int) -> bytes:
+    """A checkpoint of an Adam session with one parameter of `numel` elements, as a client would send to
+    restore a large model: a one-element session's checkpoint, every tensor grown to that size."""
+    body = {"optimizer": {"name": "adam"}, "params": {"w": tensor_json(np.zeros(1, np.float32))}}
+    small = client.post("/v1/sessions", json=body).json()["id"]
+    tensors, metadata = safetensors.decode(client.get(f"/v1/sessions/{small}/checkpoint").content)
+    client.delete(f"/v1/sessions/{small}")
+    grown = {k: np.zeros(numel, v.dtype) if v.shape == (1,) else np.asarray(v) for k, v in tensors.items()}
+    return safetensors.encode_bytes(grown, metadata)
 
 
 def post_head(path: str, length: int, content_type: str = "application/json") -> str:
@@ -157,8 +174,29 @@ def test_hostile_requests_cost_nothing_and_hold_up_no_one(server: Server, tmp_pa
         assert answer.status_code == 422
         assert "at most 10000" in answer.json()["detail"]
         time.sleep(0.5)
-    client.close()
     assert bystander.errors == []
+    # a spike: a 10M-parameter session (40 MB of parameters, 80 MB of Adam state) stepped, then deleted
+    before_spike = server.rss()
+    created = client.post(
+        "/v1/sessions",
+        content=big_checkpoint(client, 10_000_000),
+        headers={"Content-Type": "application/vnd.safetensors"},
+    )
+    assert created.status_code == 201, created.text[:300]
+    sid = created.json()["id"]
+    grads = safetensors.encode_bytes({"w": np.ones(10_000_000, np.float32)}, None)
+    for _ in range(2):
+        stepped = client.post(
+            f"/v1/sessions/{sid}/step?return_params=false",
+            content=grads,
+            headers={"Content-Type": "application/vnd.safetensors"},
+        )
+        assert stepped.status_code == 200
+    outcomes["RSS at the spike, over before it"] = server.rss() - before_spike
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+    time.sleep(IDLE_TRIM + 2.0)
+    outcomes["RSS after the spike and an idle pause, over before it"] = server.rss() - before_spike
+    client.close()
     assert bystander.steps > 20
     outcomes["/healthz p99 during the attacks (s)"] = bystander.p99()
     outcomes["RSS after, over before"] = server.rss() - base_rss
@@ -166,3 +204,5 @@ def test_hostile_requests_cost_nothing_and_hold_up_no_one(server: Server, tmp_pa
     print(outcomes)
     assert bystander.p99() < 0.1, outcomes
     assert server.rss() - base_rss < 256 * MiB, outcomes
+    assert outcomes["RSS at the spike, over before it"] > 100 * MiB, outcomes  # the spike was real
+    assert outcomes["RSS after the spike and an idle pause, over before it"] < 48 * MiB, outcomes
