@@ -165,6 +165,15 @@ def test_hostile_requests_cost_nothing_and_hold_up_no_one(server: Server, tmp_pa
         )
         assert answer.status_code == 200
 
+        # a create of a million one-element parameters: 15 MB of JSON, refused before it is parsed
+        many = b",".join(b'"p%d":[1.0]' % i for i in range(1_000_000))
+        body = b'{"optimizer":{"name":"sgd"},"params":{' + many + b"}}"
+        started = time.perf_counter()
+        answer = client.post("/v1/sessions", content=body, headers={"Content-Type": "application/json"})
+        outcomes["a million one-element parameters: seconds"] = time.perf_counter() - started
+        assert answer.status_code == 413, answer.text[:300]
+        assert "members" in answer.json()["detail"]
+
         # a step that names 20,000 gradients the session does not have
         session = bystander.session
         names = {f"g{i}": [1.0] for i in range(20_000)}

@@ -31,9 +31,9 @@ class Preview(BaseModel):
         description="base lr, or one per parameter group"
     )
     scheduler: dict[str, Any] = Field(description="a scheduler spec, as in POST /v1/sessions")
-    steps: Annotated[int, Field(ge=0, le=1_000_000)]
+    steps: Annotated[int, Field(ge=0, le=1_000_000)] = Field(description="at most 100,000 x groups")
     steps_per_epoch: Annotated[int, Field(ge=1)] = 1
-    losses: Annotated[list[float], Field(max_length=1_000_000)] | None = Field(
+    losses: Annotated[list[float], Field(max_length=100_000)] | None = Field(
         None, description="one loss per step, for reduce_lr_on_plateau"
     )
     optimizer: dict[str, Any] | None = Field(None, description="optimizer spec (default sgd) for cycling")
