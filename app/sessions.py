@@ -391,7 +391,8 @@ class SessionService:
     ) -> T:
         async with self._lock(session_id):
             _, engine = await self._load(tenant, session_id)
-            return render(engine.step_count, engine.params)
+        # an engine never changes: it renders outside the lock, and off the event loop when large
+        return await self._run(engine, lambda: render(engine.step_count, engine.params))
 
     async def put_params(self, tenant: str, session_id: str, values: Mapping[str, Array]) -> SessionInfo:
         async def write(meta: SessionMeta, engine: Engine) -> Written:
@@ -408,10 +409,10 @@ class SessionService:
     ) -> T:
         async with self._lock(session_id):
             meta, engine = await self._load(tenant, session_id)
-            tensors, engine_meta = engine.snapshot()
-            saved = {"engine": engine_meta, "metadata": meta.metadata, "source": meta.id}
-            metadata = {CHECKPOINT_KEY: json.dumps(saved), "step": str(engine.step_count)}
-            return render(tensors, metadata)
+        tensors, engine_meta = engine.snapshot()
+        saved = {"engine": engine_meta, "metadata": meta.metadata, "source": meta.id}
+        metadata = {CHECKPOINT_KEY: json.dumps(saved), "step": str(engine.step_count)}
+        return await self._run(engine, lambda: render(tensors, metadata))
 
     async def history(self, tenant: str, session_id: str, limit: int) -> list[dict[str, Any]]:
         async with self._lock(session_id):
