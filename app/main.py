@@ -23,7 +23,7 @@ from app.metrics import Metrics, MetricsMiddleware
 from app.optim import fused
 from app.sessions import SessionService
 from app.settings import Settings
-from app.store.base import Store
+from app.store.base import Quota, Store
 
 log = logging.getLogger("optserve")
 EXPIRY_INTERVAL = 60.0
@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ttl=settings.session_ttl,
         cache_bytes=settings.cache_bytes,
         max_session_bytes=settings.max_session_bytes,
+        quota=Quota(settings.max_sessions_per_key, settings.max_bytes_per_key),
     )
     metrics = Metrics()
     counted = {skipped: metrics.steps.labels(str(skipped).lower()) for skipped in (False, True)}

@@ -34,6 +34,7 @@ from app.store.base import (
     CorruptRecord,
     HistoryRow,
     IdempotencyRecord,
+    Quota,
     SessionMeta,
     SessionRecord,
     Store,
@@ -146,10 +147,12 @@ class SessionService:
         ttl: float | None = None,
         cache_bytes: int = 1 << 30,
         max_session_bytes: int | None = None,
+        quota: Quota | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.max_session_bytes = max_session_bytes
+        self.quota = quota
         self.ttl = ttl
         self.clock = clock
         self._cache: OrderedDict[str, tuple[SessionMeta, Engine]] = OrderedDict()
@@ -321,7 +324,7 @@ class SessionService:
         meta = SessionMeta(new_session_id(), tenant, now, now, dict(metadata), version=0)
         info = SessionInfo(meta, engine.step_count, engine.lr, engine.describe())
         orjson.dumps(info.to_json())  # every float in it is finite and every key a string, or ValueError now
-        await self._guard(self.store.create(record_of(meta, engine)))
+        await self._guard(self.store.create(record_of(meta, engine), self.quota))
         self._remember(meta, engine)
         return info
 

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     max_session_bytes: int = Field(
         4 << 30, description="bytes one session's parameters and optimizer state may take (422 above)"
     )
+    max_sessions_per_key: int = Field(1_000, description="sessions one API key may hold (429 above)")
+    max_bytes_per_key: int = Field(
+        16 << 30, description="bytes of parameters and state one API key's sessions may hold (429 above)"
+    )
     idle_trim_seconds: float = Field(
         2.0, gt=0, description="idle seconds after which memory freed since is given back to the system"
     )

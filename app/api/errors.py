@@ -13,7 +13,7 @@ from starlette.responses import Response
 from app.optim.engine import StepError
 from app.optim.hparams import SpecError
 from app.sessions import IdempotencyConflict, NotFound, StepConflict, UnreadableSession
-from app.store.base import StoreError
+from app.store.base import QuotaExceeded, StoreError
 from app.wire.errors import WireError
 from app.wire.jsontensor import dumps
 
@@ -72,6 +72,8 @@ def to_problem(exc: Exception) -> Response:
         return problem(422, "Idempotency key reused", str(exc))
     if isinstance(exc, UnreadableSession):
         return problem(422, "Unreadable session", str(exc), session_id=exc.session_id)
+    if isinstance(exc, QuotaExceeded):
+        return problem(429, "Quota exceeded", str(exc))
     if isinstance(exc, StoreError):
         return problem(503, "Store unavailable", str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, ApiError):
@@ -106,6 +108,7 @@ def install(app: FastAPI) -> None:
         StepConflict,
         IdempotencyConflict,
         UnreadableSession,
+        QuotaExceeded,
         StoreError,
         ApiError,
     ):

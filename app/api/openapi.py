@@ -271,11 +271,14 @@ _PROBLEMS: dict[int, str] = {
     401: "API keys are configured and the request has no valid `Authorization: Bearer <key>`",
     404: "no such session for this caller",
     406: "`Accept` excludes every format this operation answers with",
+    408: "the body did not arrive within the server's deadline (OPTSERVE_BODY_TIMEOUT)",
     409: "`step` was sent and is not the session's current step (see `current_step`)",
     413: "the body is larger than the server's limit",
     415: "the body's `Content-Type` is not one this operation reads",
     422: "the request parses but is invalid (spec, names, shapes, dtypes, values); `errors` says where",
-    503: "the session store is unreachable or failed; nothing was applied",
+    429: "the caller's key holds as many sessions, or bytes, as its quota allows; nothing was stored",
+    503: "the session store is unreachable or failed, or the server is receiving as many request bytes as "
+    "it allows; nothing was applied",
 }
 _PROBLEM_HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
@@ -330,7 +333,7 @@ def _answer(
 
 _V1 = (401, 422)  # every /v1 operation: keys, and FastAPI's own parameter validation
 _SESSION = (*_V1, 404, 503)  # every operation on one stored session
-_BODY = (400, 413, 415)  # every operation that reads a JSON or safetensors body itself
+_BODY = (400, 408, 413, 415)  # every operation that reads a JSON or safetensors body itself
 
 CREATE_BODY = _body("CreateSession", "a checkpoint from GET /v1/sessions/{id}/checkpoint: restores it")
 STEP_BODY = _body("Step", "the gradients; metadata `step` and `loss` optional")
@@ -342,7 +345,7 @@ CREATE_RESPONSE = _answer(
     None,
     "created (or restored)",
     {"Location": {"required": True, "schema": {"type": "string"}, "description": "the new session"}},
-) | problems(*_V1, *_BODY, 406, 503)
+) | problems(*_V1, *_BODY, 406, 429, 503)
 LIST_RESPONSE = _answer(200, "SessionList", None) | problems(*_V1, 406, 503)
 SESSION_RESPONSE = _answer(200, "Session", None) | problems(*_SESSION, 406)
 DELETE_RESPONSE = problems(*_SESSION)
@@ -360,7 +363,7 @@ CHECKPOINT_RESPONSE = _answer(
 HISTORY_RESPONSE = _answer(200, "History", None) | problems(*_SESSION, 406)
 OPTIMIZERS_RESPONSE = _answer(200, "Optimizers", None) | problems(*_V1, 406)
 SCHEDULERS_RESPONSE = _answer(200, "Schedulers", None) | problems(*_V1, 406)
-PREVIEW_RESPONSE = _answer(200, "PreviewResult", None) | problems(*_V1, 400, 406, 413)  # 400: not JSON
+PREVIEW_RESPONSE = _answer(200, "PreviewResult", None) | problems(*_V1, 400, 406, 408, 413, 503)
 HEALTH_RESPONSE = _answer(200, "Status", None)
 READY_RESPONSE = _answer(200, "Status", None) | problems(503)
 METRICS_RESPONSE: dict[int | str, Any] = {

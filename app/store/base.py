@@ -85,6 +85,37 @@ class SessionRecord:
     def lr(self) -> list[float]:
         return [float(group["lr"]) for group in self.engine["groups"]]
 
+    @property
+    def nbytes(self) -> int:
+        """What the session's arrays take: what a key's byte quota counts."""
+        return sum(int(v.nbytes) for v in self.tensors.values())
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What one key's sessions may hold together (`OPTSERVE_MAX_SESSIONS_PER_KEY`, `..._BYTES_PER_KEY`)."""
+
+    sessions: int
+    nbytes: int
+
+    def refusal(self, sessions: int, nbytes: int, adding: int) -> QuotaExceeded | None:
+        """Why one more session of `adding` bytes does not fit beside `sessions` holding `nbytes`."""
+        if sessions + 1 > self.sessions:
+            return QuotaExceeded(
+                f"this key holds {sessions} sessions, the most OPTSERVE_MAX_SESSIONS_PER_KEY={self.sessions} "
+                "allows: delete one first"
+            )
+        if nbytes + adding > self.nbytes:
+            return QuotaExceeded(
+                f"this key's sessions hold {nbytes} bytes and this one needs {adding} more, past "
+                f"OPTSERVE_MAX_BYTES_PER_KEY={self.nbytes}"
+            )
+        return None
+
+
+class QuotaExceeded(Exception):
+    """A create or restore past the caller's key's quota (429); nothing was stored."""
+
 
 class StoreError(RuntimeError):
     """The store is unreachable or failed; the request is not applied (503)."""
@@ -122,7 +153,10 @@ class Store(Protocol):
     shared: bool
     """True when other processes may write the same sessions (the service then re-checks versions)."""
 
-    async def create(self, record: SessionRecord) -> None: ...
+    async def create(self, record: SessionRecord, quota: Quota | None = None) -> None:
+        """Stores a new session, atomically with the check that its tenant stays within `quota`
+        (QuotaExceeded otherwise, nothing stored), across every process sharing the store."""
+        ...
 
     async def load(self, session_id: str) -> SessionRecord | None:
         """The whole record; CorruptRecord when it is stored but cannot be read."""

@@ -9,7 +9,14 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 
-from app.store.base import IDEMPOTENCY_STEPS, HistoryRow, IdempotencyRecord, SessionMeta, SessionRecord
+from app.store.base import (
+    IDEMPOTENCY_STEPS,
+    HistoryRow,
+    IdempotencyRecord,
+    Quota,
+    SessionMeta,
+    SessionRecord,
+)
 
 
 @dataclass
@@ -26,7 +33,12 @@ class MemoryStore:
         self._entries: dict[str, _Entry] = {}
         self._history_limit = history_limit
 
-    async def create(self, record: SessionRecord) -> None:
+    async def create(self, record: SessionRecord, quota: Quota | None = None) -> None:
+        if quota is not None:
+            held = [e.record for e in self._entries.values() if e.record.meta.tenant == record.meta.tenant]
+            refusal = quota.refusal(len(held), sum(r.nbytes for r in held), record.nbytes)
+            if refusal is not None:
+                raise refusal
         self._entries[record.meta.id] = _Entry(_own(record), deque(maxlen=self._history_limit))
 
     async def load(self, session_id: str) -> SessionRecord | None:

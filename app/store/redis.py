@@ -45,6 +45,8 @@ from app.store.base import (
     IDEMPOTENCY_STEPS,
     HistoryRow,
     IdempotencyRecord,
+    Quota,
+    QuotaExceeded,
     SessionMeta,
     SessionRecord,
     StoreError,
@@ -149,7 +151,8 @@ local now = redis.call('TIME')
 return redis.call('ZADD', KEYS[1], tonumber(now[1]), ARGV[1])
 """
 
-# KEYS: a tenant index. ARGV: grace seconds, then ids whose session is gone. Drops those older than grace.
+# KEYS: a tenant index and its sizes. ARGV: grace seconds, then ids whose session is gone. Drops those
+# older than grace.
 INDEX_PRUNE_LUA = """
 local now = tonumber(redis.call('TIME')[1])
 local grace = tonumber(ARGV[1])
@@ -158,9 +161,25 @@ for i = 2, #ARGV do
   local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if score and tonumber(score) <= now - grace then
     removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('HDEL', KEYS[2], ARGV[i])
   end
 end
 return removed
+"""
+
+# KEYS: a tenant index and its sizes (one slot). ARGV: session id, its bytes, the quota's sessions and
+# bytes. Adds the id to the index, sized, if the tenant stays within the quota: 1; else 0 (sessions) or -1
+# (bytes), and returns the tenant's count and bytes. Every replica's creates meet here, one at a time.
+INDEX_RESERVE_LUA = """
+local held = redis.call('ZCARD', KEYS[1])
+local bytes = 0
+for _, size in ipairs(redis.call('HVALS', KEYS[2])) do bytes = bytes + tonumber(size) end
+if held + 1 > tonumber(ARGV[3]) then return {0, held, bytes} end
+if bytes + tonumber(ARGV[2]) > tonumber(ARGV[4]) then return {-1, held, bytes} end
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(now[1]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return {1, held, bytes}
 """
 
 
@@ -171,6 +190,11 @@ def session_keys(session_id: str) -> list[str]:
 
 def tenant_key(tenant: str) -> str:
     return f"{PREFIX}:tenant:{{{tenant}}}:sessions"
+
+
+def tenant_sizes_key(tenant: str) -> str:
+    """The bytes of each of the tenant's sessions, beside its index (same slot): what quotas count."""
+    return f"{PREFIX}:tenant:{{{tenant}}}:bytes"
 
 
 def _valid(session_id: str) -> bool:
@@ -226,6 +250,7 @@ class RedisStore:
         self._commit = client.register_script(COMMIT_LUA)
         self._delete = client.register_script(DELETE_LUA)
         self._index_add = client.register_script(INDEX_ADD_LUA)
+        self._index_reserve = client.register_script(INDEX_RESERVE_LUA)
         self._index_prune = client.register_script(INDEX_PRUNE_LUA)
 
     @classmethod
@@ -259,7 +284,7 @@ class RedisStore:
 
     # -- sessions ---------------------------------------------------------------------------------
 
-    async def create(self, record: SessionRecord) -> None:
+    async def create(self, record: SessionRecord, quota: Quota | None = None) -> None:
         meta = record.meta
         if not _valid(meta.id):
             raise ValueError(f"session id {meta.id!r} is not [A-Za-z0-9_-]{{1,128}}")
@@ -267,7 +292,10 @@ class RedisStore:
         nonce = secrets.token_hex(8)
         with _errors("create"):
             # index first: it may name a session that is not (yet, or any longer) there, never miss one
-            await self._index_add(keys=[tenant_key(meta.tenant)], args=[meta.id])
+            if quota is None:
+                await self._index_add(keys=[tenant_key(meta.tenant)], args=[meta.id])
+            else:
+                await self._reserve(meta.tenant, meta.id, record.nbytes, quota)
             created = await self._create(
                 keys=session_keys(meta.id),
                 args=[
@@ -288,6 +316,21 @@ class RedisStore:
         if created != 1:
             raise StoreError(f"session id {meta.id!r} already exists")
         self._note(meta.id, meta.version, nonce.encode())
+
+    async def _reserve(self, tenant: str, session_id: str, nbytes: int, quota: Quota) -> None:
+        """The session's place in its tenant's index, within the quota; QuotaExceeded past it. Ids of
+        sessions that expired or were deleted meanwhile are pruned first, when they are in the way."""
+        keys = [tenant_key(tenant), tenant_sizes_key(tenant)]
+        for attempt in range(2):
+            taken, held, held_bytes = await self._index_reserve(
+                keys=keys, args=[session_id, nbytes, quota.sessions, quota.nbytes]
+            )
+            if taken == 1:
+                return
+            if attempt == 0:
+                await self.sessions_of(tenant)  # drops the index entries of sessions that are gone
+        refusal = quota.refusal(int(held), int(held_bytes), nbytes)
+        raise refusal or QuotaExceeded("over quota")
 
     async def load(self, session_id: str) -> SessionRecord | None:
         if not _valid(session_id):
@@ -422,7 +465,8 @@ class RedisStore:
         for start in range(0, len(gone), PRUNE_CHUNK):
             with _errors("list"):
                 await self._index_prune(
-                    keys=[index], args=[self.index_grace, *gone[start : start + PRUNE_CHUNK]]
+                    keys=[index, tenant_sizes_key(tenant)],
+                    args=[self.index_grace, *gone[start : start + PRUNE_CHUNK]],
                 )
         return found
 
@@ -437,6 +481,7 @@ class RedisStore:
         # the session is gone; an index entry left behind (Redis failing right now) is dropped by listings
         with contextlib.suppress(RedisError, OSError):
             await self._client.zrem(tenant_key(_text(tenant)), session_id)
+            await self._client.hdel(tenant_sizes_key(_text(tenant)), session_id)
         return True
 
     async def expire(self, idle_seconds: float, now: float) -> int:

@@ -20,6 +20,7 @@ from app.store.base import (
     IDEMPOTENCY_STEPS,
     HistoryRow,
     IdempotencyRecord,
+    Quota,
     SessionMeta,
     SessionRecord,
     StoreError,
@@ -122,11 +123,19 @@ class SqliteStore:
 
         return await self._call(run)
 
-    async def create(self, record: SessionRecord) -> None:
+    async def create(self, record: SessionRecord, quota: Quota | None = None) -> None:
         engine_json, blob = await anyio.to_thread.run_sync(encode, record)
         meta = record.meta
 
         def run(db: sqlite3.Connection) -> None:
+            if quota is not None:  # inside the write transaction: other processes wait for it
+                held, nbytes = db.execute(
+                    "SELECT count(*), coalesce(sum(length(tensors)), 0) FROM sessions WHERE tenant = ?",
+                    (meta.tenant,),
+                ).fetchone()
+                refusal = quota.refusal(held, nbytes, len(blob))
+                if refusal is not None:
+                    raise refusal
             db.execute(
                 "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (

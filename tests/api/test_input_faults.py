@@ -263,3 +263,19 @@ async def test_a_preview_is_bounded_in_steps_times_groups(client: httpx.AsyncCli
     )
     assert answer.status_code == 200
     assert len(answer.json()["lr"][1]) == 50_000
+
+
+async def test_each_key_has_its_quota_of_sessions(make_client: AppClient) -> None:
+    client = await make_client(api_keys="alice,bob", max_sessions_per_key=2)
+    body = {"optimizer": {"name": "sgd"}, "params": {"w": [0.0]}}
+    alice, bob = ({"Authorization": f"Bearer {key}"} for key in ("alice", "bob"))
+    for _ in range(2):
+        assert (await client.post("/v1/sessions", json=body, headers=alice)).status_code == 201
+    refused = await client.post("/v1/sessions", json=body, headers=alice)
+    assert_problem(refused, 429, "OPTSERVE_MAX_SESSIONS_PER_KEY=2")
+    assert "retry-after" not in refused.headers  # waiting does not lift a quota
+    assert (await client.post("/v1/sessions", json=body, headers=bob)).status_code == 201
+    listed = (await client.get("/v1/sessions", headers=alice)).json()["sessions"]
+    assert len(listed) == 2
+    await client.delete(f"/v1/sessions/{listed[0]['id']}", headers=alice)
+    assert (await client.post("/v1/sessions", json=body, headers=alice)).status_code == 201

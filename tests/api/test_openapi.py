@@ -19,18 +19,18 @@ SESSION = "/v1/sessions/{session_id}"
 
 # Every operation and the statuses it documents (success first).
 STATUSES: dict[tuple[str, str], set[int]] = {
-    ("post", "/v1/sessions"): {201, 400, 401, 406, 413, 415, 422, 503},
+    ("post", "/v1/sessions"): {201, 400, 401, 406, 408, 413, 415, 422, 429, 503},
     ("get", "/v1/sessions"): {200, 401, 406, 422, 503},
     ("get", SESSION): {200, 401, 404, 406, 422, 503},
     ("delete", SESSION): {204, 401, 404, 422, 503},
-    ("post", f"{SESSION}/step"): {200, 400, 401, 404, 406, 409, 413, 415, 422, 503},
+    ("post", f"{SESSION}/step"): {200, 400, 401, 404, 406, 408, 409, 413, 415, 422, 503},
     ("get", f"{SESSION}/params"): {200, 401, 404, 406, 422, 503},
-    ("put", f"{SESSION}/params"): {200, 400, 401, 404, 406, 413, 415, 422, 503},
+    ("put", f"{SESSION}/params"): {200, 400, 401, 404, 406, 408, 413, 415, 422, 503},
     ("get", f"{SESSION}/checkpoint"): {200, 401, 404, 406, 422, 503},
     ("get", f"{SESSION}/history"): {200, 401, 404, 406, 422, 503},
     ("get", "/v1/optimizers"): {200, 401, 406, 422},
     ("get", "/v1/schedulers"): {200, 401, 406, 422},
-    ("post", "/v1/schedules/preview"): {200, 400, 401, 406, 413, 422},
+    ("post", "/v1/schedules/preview"): {200, 400, 401, 406, 408, 413, 422, 503},
     ("get", "/healthz"): {200},
     ("get", "/readyz"): {200, 503},
     ("get", "/metrics"): {200},

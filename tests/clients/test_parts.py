@@ -89,7 +89,9 @@ def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
 def test_status_delay_retries_429_and_503_of_resendable_requests_within_the_policy() -> None:
     policy = RetryPolicy(retries=2, max_retry_after=60.0)
     assert status_delay(policy, 0, 503, "5", True, 0.5, 0.0) == 5.0
-    assert status_delay(policy, 0, 429, None, True, 1.0, 0.0) == pytest.approx(0.2)
+    assert status_delay(policy, 0, 503, None, True, 1.0, 0.0) == pytest.approx(0.2)
+    assert status_delay(policy, 0, 429, "2", True, 1.0, 0.0) == 2.0
+    assert status_delay(policy, 0, 429, None, True, 1.0, 0.0) is None  # a quota: waiting does not lift it
     assert status_delay(policy, 0, 503, "5", False, 0.5, 0.0) is None
     assert status_delay(policy, 0, 503, "61", True, 0.5, 0.0) is None
     assert status_delay(policy, 2, 503, "1", True, 0.5, 0.0) is None

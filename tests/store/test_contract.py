@@ -12,7 +12,15 @@ import pytest
 from app.optim.checkpoint import restore
 from app.optim.engine import Engine
 from app.sessions import record_of
-from app.store.base import HistoryRow, IdempotencyRecord, SessionMeta, SessionRecord, Store
+from app.store.base import (
+    HistoryRow,
+    IdempotencyRecord,
+    Quota,
+    QuotaExceeded,
+    SessionMeta,
+    SessionRecord,
+    Store,
+)
 from tests.store.conftest import STORES, MakeStore
 
 pytestmark = pytest.mark.parametrize("kind", STORES)
@@ -221,3 +229,38 @@ async def test_delete_removes_everything_of_the_session(make_store: MakeStore, k
 async def test_ping_answers(make_store: MakeStore, kind: str) -> None:
     store = await make_store(kind)
     await store.ping()
+
+
+async def test_creates_stay_within_the_tenants_quota(make_store: MakeStore, kind: str) -> None:
+    store = await make_store(kind)
+    one = as_record(new_meta("s_q0"), new_engine())
+    quota = Quota(sessions=3, nbytes=10 * one.nbytes + 1000)
+    for i in range(3):
+        await store.create(as_record(new_meta(f"s_q{i}"), new_engine()), quota)
+    await store.create(as_record(new_meta("s_other", tenant="t2"), new_engine()), quota)  # its own quota
+    with pytest.raises(QuotaExceeded, match="OPTSERVE_MAX_SESSIONS_PER_KEY=3"):
+        await store.create(as_record(new_meta("s_q3"), new_engine()), quota)
+    assert await store.load("s_q3") is None
+    assert await store.delete("s_q1")
+    await store.create(as_record(new_meta("s_q3"), new_engine()), quota)  # a deleted session frees its place
+    tight = Quota(sessions=100, nbytes=3 * one.nbytes + 200)
+    with pytest.raises(QuotaExceeded, match="OPTSERVE_MAX_BYTES_PER_KEY"):
+        await store.create(as_record(new_meta("s_big"), new_engine([0.0] * 1000)), tight)
+    assert {m.id for m, _, _ in await store.sessions_of("t1")} == {"s_q0", "s_q2", "s_q3"}
+
+
+async def test_concurrent_creates_never_pass_the_quota_together(make_store: MakeStore, kind: str) -> None:
+    """On Redis, two stores stand for two replicas: the quota holds across them."""
+    stores = [await make_store(kind)] * 2 if kind != "redis" else [await make_store(kind) for _ in range(2)]
+    quota = Quota(sessions=3, nbytes=1 << 30)
+
+    async def attempt(i: int) -> bool:
+        try:
+            await stores[i % 2].create(as_record(new_meta(f"s_race{i}"), new_engine()), quota)
+        except QuotaExceeded:
+            return False
+        return True
+
+    results = await asyncio.gather(*(attempt(i) for i in range(10)))
+    assert sum(results) == 3
+    assert len(await stores[0].sessions_of("t1")) == 3

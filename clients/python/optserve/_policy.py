@@ -88,8 +88,11 @@ def status_delay(
     now: float,
 ) -> float | None:
     """The wait before retrying an answer with `status`, or None when it is final. A request that is not
-    `resendable` is never sent twice once it reached the server, whatever the server answered."""
+    `resendable` is never sent twice once it reached the server, whatever the server answered. A 429
+    without `Retry-After` is a quota, which waiting does not lift: final."""
     if status not in RETRY_STATUSES or not resendable or attempt >= policy.retries:
+        return None
+    if status == 429 and retry_after is None:
         return None
     asked = parse_retry_after(retry_after, now)
     if asked is None:
