@@ -4,17 +4,22 @@ changes nothing, and whatever the service accepted stays loadable, steppable and
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import redis
 
 from app.optim.engine import MAX_STEP
 from app.optim.schedulers import MAX_DEPTH
+from app.store.redis import session_keys
 from app.wire import safetensors
 from tests.api.helpers import ST, create, params_of, step
 from tests.conftest import AppClient
+from tests.store.conftest import redis_server  # noqa: F401 - the fixture, for the redis:// case
+from tests.system.redis_server import RedisServer
 
 SGD = {"optimizer": {"name": "sgd", "lr": 0.1}}
 W = {"w": np.ones(3, np.float32)}
@@ -177,12 +182,20 @@ EDGE_SPECS = {
 }
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
 async def test_everything_accepted_stays_usable_after_a_restart(
-    make_client: AppClient, tmp_path: Any
+    make_client: AppClient, tmp_path: Any, kind: str, request: pytest.FixtureRequest
 ) -> None:
-    """On SQLite: sessions at every edge the spec allows are loaded, stepped (or refused with a 4xx),
-    checkpointed, restored and deleted by a fresh server on the same file."""
-    store = f"sqlite:///{tmp_path}/edges.db"
+    """Sessions at every edge the spec allows are loaded, stepped (or refused with a 4xx), checkpointed,
+    restored and deleted by a fresh server on the same durable store."""
+    if kind == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        store = server.url()
+        flushed = redis.Redis.from_url(store)
+        flushed.flushdb()
+        flushed.close()
+    else:
+        store = f"sqlite:///{tmp_path}/edges.db"
     first = await make_client(store=store)
     made = {}
     for label, spec in EDGE_SPECS.items():
@@ -211,20 +224,30 @@ async def test_everything_accepted_stays_usable_after_a_restart(
     assert (await restarted.get("/v1/sessions")).json()["sessions"] == []
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
 async def test_a_stored_session_that_cannot_be_read_is_named_and_can_be_deleted(
-    make_client: AppClient, tmp_path: Any
+    make_client: AppClient, tmp_path: Any, kind: str, request: pytest.FixtureRequest
 ) -> None:
-    import sqlite3
-
-    store = f"sqlite:///{tmp_path}/corrupt.db"
-    first = await make_client(store=store)
-    broken, future, fine = [await create(first, W, **SGD) for _ in range(3)]
-    db = sqlite3.connect(tmp_path / "corrupt.db")
-    db.execute("UPDATE sessions SET tensors = ? WHERE id = ?", (b"\x00garbage", broken))
+    """One session's stored tensors are damaged, another's description comes from a future version."""
     newer = json.dumps({"format": 99})
-    db.execute("UPDATE sessions SET engine = ? WHERE id = ?", (newer, future))
-    db.commit()
-    db.close()
+    if kind == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        store = server.url()
+        db = redis.Redis.from_url(store)
+        db.flushdb()
+        first = await make_client(store=store)
+        broken, future, fine = [await create(first, W, **SGD) for _ in range(3)]
+        db.set(session_keys(broken)[1], b"\x00garbage")
+        db.hset(session_keys(future)[0], "engine", newer)
+        db.close()
+    else:
+        store = f"sqlite:///{tmp_path}/corrupt.db"
+        first = await make_client(store=store)
+        broken, future, fine = [await create(first, W, **SGD) for _ in range(3)]
+        with sqlite3.connect(tmp_path / "corrupt.db") as sql:
+            sql.execute("UPDATE sessions SET tensors = ? WHERE id = ?", (b"\x00garbage", broken))
+            sql.execute("UPDATE sessions SET engine = ? WHERE id = ?", (newer, future))
+        sql.close()
     restarted = await make_client(store=store)
     for sid in (broken, future):
         for answer in (
