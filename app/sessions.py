@@ -257,7 +257,7 @@ class SessionService:
                 written = await write(meta, engine)
                 if not isinstance(written, Written):
                     return written
-                new_meta = replace(meta, updated_at=self.clock(), version=meta.version + 1)
+                new_meta = meta.written(self.clock())
                 record = record_of(new_meta, written.engine)
                 try:
                     committed = await self._guard(

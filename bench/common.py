@@ -196,6 +196,10 @@ class Process:
         self.stop()
 
 
+# the sections create thousands of sessions in open mode on purpose: past the default per-key quota
+BENCH_ENV = {"OPTSERVE_MAX_SESSIONS_PER_KEY": "1000000"}
+
+
 class Servers:
     """The server processes that several sections share within one run, started on first use: one
     `optserve serve --store memory://` and one bare FastAPI echo app under the same uvicorn settings."""
@@ -206,7 +210,7 @@ class Servers:
 
     def optserve(self) -> Server:
         if self._optserve is None:
-            self._optserve = Server("memory://").start()
+            self._optserve = Server("memory://", env=BENCH_ENV).start()
         return self._optserve
 
     def echo(self) -> Process:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from app.wire import safetensors
-from bench.common import ST, Measure, Section, create_session, grads_of, rss_bytes, section_main
+from bench.common import BENCH_ENV, ST, Measure, Section, create_session, grads_of, rss_bytes, section_main
 from tests.system.server import Server
 
 SESSIONS = 1000
@@ -48,7 +48,7 @@ def run(quick: bool = False, servers: object = None) -> Section:
     """Always on a server of its own: RSS must not carry the other sections' garbage."""
     sessions = 100 if quick else SESSIONS
     body = safetensors.encode_bytes({"w": grads_of(NUMEL)}, {"loss": "0.5"})
-    with Server("memory://") as server, httpx.Client(base_url=server.url, timeout=60) as http:
+    with Server("memory://", env=BENCH_ENV) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         assert server.proc is not None
         pid = server.proc.pid
         _populate(http, WARMUP_SESSIONS, body)

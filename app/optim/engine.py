@@ -195,20 +195,18 @@ class Engine:
         params, states = dict(self.params), dict(self.states)
         grads = prepared.grads
         nonfinite: list[str] = []
-        # overflow to inf is not an error to warn of here: the results are checked, and `nonfinite` decides
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            for names, hp in zip(self.group_params, self.groups, strict=True):
-                present = [n for n in names if n in grads]
-                if present:
-                    new_params, new_states, finite = self.optimizer.step_into(
-                        [params[n] for n in present],
-                        [grads[n] for n in present],
-                        [states[n] for n in present],
-                        hp,
-                    )
-                    params.update(zip(present, new_params, strict=True))
-                    states.update(zip(present, new_states, strict=True))
-                    nonfinite.extend(n for n, ok in zip(present, finite, strict=True) if not ok)
+        for names, hp in zip(self.group_params, self.groups, strict=True):
+            present = [n for n in names if n in grads]
+            if present:
+                new_params, new_states, finite = self.optimizer.step_into(
+                    [params[n] for n in present],
+                    [grads[n] for n in present],
+                    [states[n] for n in present],
+                    hp,
+                )
+                params.update(zip(present, new_params, strict=True))
+                states.update(zip(present, new_states, strict=True))
+                nonfinite.extend(n for n, ok in zip(present, finite, strict=True) if not ok)
         if nonfinite and self.options["nonfinite"] != "allow":
             if self.options["nonfinite"] == "skip":
                 return self, StepOutcome(self.step_count, self.lr, True, prepared.grad_norm)

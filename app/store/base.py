@@ -35,6 +35,15 @@ class SessionMeta:
     metadata: dict[str, str] = field(default_factory=dict)
     version: int = 0
 
+    def written(self, at: float) -> SessionMeta:
+        """The meta of the next version, written at `at` (a step's hot path: no dataclasses.replace)."""
+        return SessionMeta(self.id, self.tenant, self.created_at, at, self.metadata, self.version + 1)
+
+    def copy(self) -> SessionMeta:
+        return SessionMeta(
+            self.id, self.tenant, self.created_at, self.updated_at, dict(self.metadata), self.version
+        )
+
 
 @dataclass(frozen=True)
 class HistoryRow:

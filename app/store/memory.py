@@ -7,7 +7,7 @@ keeping one costs no copy.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from app.store.base import (
     IDEMPOTENCY_STEPS,
@@ -47,7 +47,7 @@ class MemoryStore:
 
     async def meta(self, session_id: str) -> SessionMeta | None:
         entry = self._entries.get(session_id)
-        return None if entry is None else replace(entry.record.meta)
+        return None if entry is None else entry.record.meta.copy()
 
     async def version(self, session_id: str) -> int | None:
         entry = self._entries.get(session_id)
@@ -86,7 +86,7 @@ class MemoryStore:
 
     async def sessions_of(self, tenant: str) -> list[tuple[SessionMeta, int, list[float]]]:
         return [
-            (replace(e.record.meta), e.record.step, e.record.lr)
+            (e.record.meta.copy(), e.record.step, e.record.lr)
             for e in self._entries.values()
             if e.record.meta.tenant == tenant
         ]
@@ -109,4 +109,4 @@ class MemoryStore:
 
 def _own(record: SessionRecord) -> SessionRecord:
     """The record with a meta of its own: SessionMeta is mutable, its arrays and description are not."""
-    return replace(record, meta=replace(record.meta, metadata=dict(record.meta.metadata)))
+    return SessionRecord(record.meta.copy(), record.engine, record.tensors)
