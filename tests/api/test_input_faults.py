@@ -302,3 +302,23 @@ async def test_each_key_has_its_quota_of_sessions(make_client: AppClient) -> Non
     assert len(listed) == 2
     await client.delete(f"/v1/sessions/{listed[0]['id']}", headers=alice)
     assert (await client.post("/v1/sessions", json=body, headers=alice)).status_code == 201
+
+
+async def test_json_bodies_have_a_limit_of_their_own(make_client: AppClient) -> None:
+    """Parsing JSON holds the interpreter for the whole document: past OPTSERVE_MAX_JSON_BYTES, 413 with
+    the advice to send safetensors, which has no such cost and only the general limit."""
+    client = await make_client(max_json_bytes=2_000)
+    values = np.zeros(1_000, np.float32)
+    answer = await client.post(
+        "/v1/sessions", json={"optimizer": {"name": "sgd"}, "params": {"w": values.tolist()}}
+    )
+    assert_problem(answer, 413, "OPTSERVE_MAX_JSON_BYTES=2000")
+    assert "safetensors" in answer.json()["detail"]
+    # the same 1,000 values as a safetensors restore: only the general limit applies
+    sid = await create(client, {"w": np.zeros(1, np.float32)}, optimizer={"name": "sgd"})
+    tensors, metadata = safetensors.decode((await client.get(f"/v1/sessions/{sid}/checkpoint")).content)
+    grown = {k: np.zeros(1_000, v.dtype) if v.shape == (1,) else np.asarray(v) for k, v in tensors.items()}
+    body = safetensors.encode_bytes(grown, metadata)
+    assert len(body) > 2_000
+    restored = await client.post("/v1/sessions", content=body, headers={"Content-Type": ST})
+    assert restored.status_code == 201, restored.text
