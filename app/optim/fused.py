@@ -3,6 +3,7 @@ the fast path, tested against the numpy references in `adam.py` and `sgd.py`, wh
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any, cast
@@ -54,6 +55,25 @@ def _flat(a: Array) -> Array:
     return a.reshape(-1)  # a view: every array here is C-contiguous
 
 
+# float32's largest value and 2**128, halfway between: from here on a float64 rounds to inf (the tie to
+# the even 2**128)
+_F32_OVERFLOW = 2.0**128 * (1 - 2.0**-25)
+
+
+def _to_float32(value: float) -> np.float32:
+    """float32(value), beyond float32's range inf as the cast gives it, without numpy's warning: the
+    kernels report the non-finite result, and the session's `nonfinite` option decides."""
+    if abs(value) >= _F32_OVERFLOW:
+        return np.float32(math.copysign(math.inf, value))
+    return np.float32(value)
+
+
+_SCALAR: dict[np.dtype[Any], Callable[[float], Any]] = {
+    np.dtype(np.float32): _to_float32,
+    np.dtype(np.float64): np.float64,
+}
+
+
 def _optional(a: Array | None, dtype: np.dtype[Any]) -> Array:
     return _EMPTY[dtype] if a is None else _flat(a)
 
@@ -94,7 +114,7 @@ def adam_(
     float32 arithmetic on float32 arrays. Into separate arrays LLVM vectorizes the loop; in place its
     aliasing check keeps it scalar, which is why the service steps into fresh arrays.
     """
-    t = param.dtype.type
+    t = _SCALAR[param.dtype]
     lerp_weight = t(1 - beta1)
     param_out, exp_avg_out, exp_avg_sq_out, max_out = (
         (param, exp_avg, exp_avg_sq, max_exp_avg_sq) if out is None else out
@@ -145,7 +165,7 @@ def sgd_(
     """One SGD step of one parameter, in place or into `out` = (param, momentum_buffer); the buffer is
     required when `momentum != 0` and is set to the gradient on the first step, as torch creates it.
     True when every value written is finite."""
-    t = param.dtype.type
+    t = _SCALAR[param.dtype]
     has_momentum = momentum != 0
     if has_momentum and momentum_buffer is None:
         raise ValueError("SGD with momentum needs a momentum buffer")
