@@ -264,3 +264,23 @@ def test_after_warm_up_no_update_compiles() -> None:
         grads[0]["w"].flags.writeable = False  # decoded request bodies come both ways
         run(spec, initial_params({"w": (3, 2)}, dtype), grads)
     assert [len(k.signatures) for k in kernels] == [2, 2]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        3.4028234663852886e38,
+        float(np.nextafter(2.0**128 * (1 - 2.0**-25), 0)),
+        2.0**128 * (1 - 2.0**-25),
+        1e39,
+        -1e39,
+        1.5,
+        -0.0,
+    ],
+)
+def test_scalars_round_to_float32_as_numpy_casts_them(value: float) -> None:
+    """The kernels' scalar operands: numpy's cast, inf past float32's range included, without the warning."""
+    with np.errstate(over="ignore"):
+        expected = np.float32(value)
+    assert fused._to_float32(value) == expected
+    assert np.signbit(fused._to_float32(value)) == np.signbit(expected)
