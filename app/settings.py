@@ -20,7 +20,9 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="file with one key per line")
     max_body_bytes: int = Field(1 << 30, description="largest request body accepted (413 above)")
     max_json_bytes: int = Field(
-        16 << 20, description="largest JSON request body (413 above): parsing it holds the interpreter"
+        1 << 30,
+        description="largest JSON request body (413 above): parsing it holds the interpreter; a create "
+        "carries its parameters as JSON, so the default leaves room for large models",
     )
     max_inflight_bytes: int = Field(
         2 << 30, description="bytes all request bodies being received may hold together (503 above)"
