@@ -184,6 +184,8 @@ def test_hostile_requests_cost_nothing_and_hold_up_no_one(server: Server, tmp_pa
         assert "at most 10000" in answer.json()["detail"]
         time.sleep(0.5)
     assert bystander.errors == []
+    # the other tenant's session took its own steps, each once, and nothing else
+    assert client.get(f"/v1/sessions/{bystander.session}").json()["step"] == bystander.steps
     # a spike: a 10M-parameter session (40 MB of parameters, 80 MB of Adam state) stepped, then deleted
     before_spike = server.rss()
     created = client.post(
