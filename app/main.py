@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,8 +17,10 @@ from fastapi.openapi.utils import get_openapi
 from app import __version__
 from app.api import errors
 from app.api.deps import InflightBytes
+from app.api.offload import Offload
 from app.api.openapi import COMPONENTS, STEP_OPERATION
 from app.api.routes import catalogue, health, sessions, step
+from app.memory import keep_freed_memory_for_reuse, trim_freed_memory
 from app.metrics import Metrics, MetricsMiddleware
 from app.optim import fused
 from app.sessions import SessionService
@@ -49,42 +51,21 @@ def open_store(settings: Settings) -> Store:
     raise ValueError(f"unsupported store URL {url!r}; use memory://, sqlite:///path or redis://host:port/db")
 
 
-def keep_freed_memory_for_reuse() -> None:
-    """Tells glibc's malloc to serve large blocks from the heap and keep freed ones mapped.
-
-    A step allocates and frees buffers as large as the model (the body, the answer, temporaries); by
-    default glibc maps each one fresh and unmaps it on free, so every step pays a page fault per 4 KiB
-    touched: 10 ms of a 40 MB step. Reused heap memory costs none; it goes back to the system once the
-    server is idle (`_return_memory_when_idle`), so a spike does not stay resident.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-
-
-def trim_freed_memory() -> None:
-    """Gives the memory glibc keeps for reuse back to the system (`malloc_trim`; a no-op elsewhere)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 async def _return_memory_when_idle(metrics: Metrics, idle_seconds: float) -> None:
-    """While requests keep coming, freed buffers stay for the next large step to reuse; once the server
-    has been idle for `idle_seconds`, they go back to the system, so a spike does not stay resident."""
+    """While large requests keep coming, freed buffers stay for the next large step to reuse; once none
+    has come for `idle_seconds` (small ones may), they go back to the system, so a spike does not stay
+    resident."""
     trimmed_at = time.monotonic()
     while True:
         await asyncio.sleep(min(1.0, idle_seconds))
         now = time.monotonic()
         if (
-            metrics.in_flight == 0
-            and metrics.last_done > trimmed_at
-            and now - metrics.last_done >= idle_seconds
+            metrics.large_in_flight == 0
+            and metrics.last_large_done > trimmed_at
+            and now - metrics.last_large_done >= idle_seconds
         ):
             trimmed_at = now
+            gc.collect()  # buffers held only by reference cycles (an exception's frames) are freed now
             await anyio.to_thread.run_sync(trim_freed_memory)  # ctypes lets go of the GIL meanwhile
 
 
@@ -100,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         quota=Quota(settings.max_sessions_per_key, settings.max_bytes_per_key),
     )
     metrics = Metrics()
+    offload = Offload(settings.parse_workers)
     counted = {skipped: metrics.steps.labels(str(skipped).lower()) for skipped in (False, True)}
     service.on_step = lambda outcome: counted[outcome.skipped].inc()
     keys = [k.encode() for k in settings.key_list()]
@@ -118,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             trimmer.cancel()
+            offload.close()
             if sweeper is not None:
                 sweeper.cancel()
             await store.close()
@@ -133,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.api_keys = keys
     app.state.inflight = InflightBytes(settings.max_inflight_bytes)
+    app.state.offload = offload
     errors.install(app)
     app.router.routes.append(step.route)
     for router in (sessions.router, catalogue.router, health.router):

@@ -8,6 +8,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+LARGE_BYTES = 1 << 20
+
 
 class Metrics:
     """One registry per app, so that several apps in one process (tests) do not collide."""
@@ -34,9 +36,10 @@ class Metrics:
         self.sessions = Gauge(
             "optserve_sessions_cached", "live sessions in this process", registry=self.registry
         )
-        # requests being handled now, and when the last one ended: when the server is idle
-        self.in_flight = 0
-        self.last_done = time.monotonic()
+        # large requests (a body or an answer of LARGE_BYTES or more) being handled now, and when the last
+        # one ended: when freed memory may go back to the system without a large step paying for it
+        self.large_in_flight = 0
+        self.last_large_done = time.monotonic()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -55,7 +58,9 @@ class MetricsMiddleware:
         start = time.perf_counter()
         status = 500
         received = sent = 0
-        self.metrics.in_flight += 1
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        large = declared.isdigit() and int(declared) >= LARGE_BYTES
+        self.metrics.large_in_flight += large
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -74,8 +79,9 @@ class MetricsMiddleware:
         try:
             await self.app(scope, counting_receive, counting_send)
         finally:
-            self.metrics.in_flight -= 1
-            self.metrics.last_done = time.monotonic()
+            self.metrics.large_in_flight -= large
+            if large or received + sent >= LARGE_BYTES:
+                self.metrics.last_large_done = time.monotonic()
             route = getattr(scope.get("route"), "path", "unmatched")
             key = (scope["method"], route, status)
             children = self._children.get(key)

@@ -42,7 +42,7 @@ from app.store.base import (
 )
 
 T = TypeVar("T")
-Render = Callable[[StepOutcome, Mapping[str, Array], bool], T]
+Render = Callable[[StepOutcome, Mapping[str, Array], bool], Awaitable[T]]
 
 CHECKPOINT_KEY = "optserve.checkpoint"
 MAX_COMMIT_ATTEMPTS = 50
@@ -126,7 +126,7 @@ def summary(meta: SessionMeta, step: int, lr: list[float]) -> dict[str, Any]:
     }
 
 
-async def _off_the_loop_if(heavy: bool, fn: Callable[..., T], *args: Any) -> T:
+async def off_the_loop_if(heavy: bool, fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)`, in a worker thread when it is `heavy` (the event loop keeps answering meanwhile)."""
     if not heavy:
         return fn(*args)
@@ -282,7 +282,7 @@ class SessionService:
         metadata: Mapping[str, str],
     ) -> SessionInfo:
         numel = sum(p.size for p in params.values())
-        engine = await _off_the_loop_if(
+        engine = await off_the_loop_if(
             numel >= INLINE_NUMEL or len(params) > 100, Engine.create, options, params, self.max_session_bytes
         )
         return await self._insert(tenant, engine, metadata)
@@ -303,7 +303,7 @@ class SessionService:
         if not isinstance(saved, dict) or not isinstance(saved.get("engine"), dict):
             raise SpecError.one("checkpoint", "metadata does not describe a session")
         numel = sum(t.size for t in tensors.values())
-        engine = await _off_the_loop_if(
+        engine = await off_the_loop_if(
             numel >= INLINE_NUMEL or len(tensors) > 100, checkpoint.restore, tensors, saved["engine"]
         )
         limit = self.max_session_bytes
@@ -362,15 +362,15 @@ class SessionService:
                             f"Idempotency-Key {idempotency_key!r} was first used with a different body"
                         )
                     replayed = StepOutcome(record.step, record.lr, record.skipped, record.grad_norm or 0.0)
-                    return render(replayed, engine.params, True)
+                    return await render(replayed, engine.params, True)
             if expected_step is not None and expected_step != engine.step_count:
                 raise StepConflict(expected_step, engine.step_count)
 
-            def work() -> tuple[Engine, StepOutcome, T]:
-                following, outcome = engine.advance(engine.prepare(grads, loss))
-                return following, outcome, render(outcome, following.params, False)
+            def work() -> tuple[Engine, StepOutcome]:
+                return engine.advance(engine.prepare(grads, loss))
 
-            following, outcome, answer = await self._run(engine, work)
+            following, outcome = await self._run(engine, work)
+            answer = await render(outcome, following.params, False)
             answers.append((outcome, answer))
             grad_norm = None if outcome.skipped else outcome.grad_norm
             history = HistoryRow(outcome.step, outcome.lr, loss, grad_norm, outcome.skipped, self.clock())
@@ -390,12 +390,12 @@ class SessionService:
         return answer
 
     async def params(
-        self, tenant: str, session_id: str, render: Callable[[int, Mapping[str, Array]], T]
+        self, tenant: str, session_id: str, render: Callable[[int, Mapping[str, Array]], Awaitable[T]]
     ) -> T:
         async with self._lock(session_id):
             _, engine = await self._load(tenant, session_id)
-        # an engine never changes: it renders outside the lock, and off the event loop when large
-        return await self._run(engine, lambda: render(engine.step_count, engine.params))
+        # an engine never changes: it renders outside the lock
+        return await render(engine.step_count, engine.params)
 
     async def put_params(self, tenant: str, session_id: str, values: Mapping[str, Array]) -> SessionInfo:
         async def write(meta: SessionMeta, engine: Engine) -> Written:
@@ -408,14 +408,17 @@ class SessionService:
         return replace(info, description=engine.describe())
 
     async def checkpoint(
-        self, tenant: str, session_id: str, render: Callable[[Mapping[str, Array], dict[str, str]], T]
+        self,
+        tenant: str,
+        session_id: str,
+        render: Callable[[Mapping[str, Array], dict[str, str]], Awaitable[T]],
     ) -> T:
         async with self._lock(session_id):
             meta, engine = await self._load(tenant, session_id)
         tensors, engine_meta = engine.snapshot()
         saved = {"engine": engine_meta, "metadata": meta.metadata, "source": meta.id}
         metadata = {CHECKPOINT_KEY: json.dumps(saved), "step": str(engine.step_count)}
-        return await self._run(engine, lambda: render(tensors, metadata))
+        return await render(tensors, metadata)
 
     async def history(self, tenant: str, session_id: str, limit: int) -> list[dict[str, Any]]:
         async with self._lock(session_id):

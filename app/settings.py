@@ -20,9 +20,15 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="file with one key per line")
     max_body_bytes: int = Field(1 << 30, description="largest request body accepted (413 above)")
     max_json_bytes: int = Field(
-        1 << 30,
-        description="largest JSON request body (413 above): parsing it holds the interpreter; a create "
-        "carries its parameters as JSON, so the default leaves room for large models",
+        64 << 20,
+        description="largest JSON request body (413 above); large tensors go as safetensors, which a "
+        "create accepts too",
+    )
+    parse_workers: int = Field(
+        1,
+        ge=1,
+        description="worker processes that parse and render large JSON (and long safetensors headers) "
+        "off the event loop, started when first needed",
     )
     max_inflight_bytes: int = Field(
         2 << 30, description="bytes all request bodies being received may hold together (503 above)"

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.main import keep_freed_memory_for_reuse
+from app.memory import keep_freed_memory_for_reuse
 from app.optim import fused
 from app.optim.adam import Adam
 from app.optim.base import Optimizer

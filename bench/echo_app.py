@@ -36,7 +36,7 @@ def same_tuning(apply: bool = True) -> list[str]:
     """Applies to this process what `optserve serve` applies to its own besides uvicorn's arguments, looked
     up by name so that the echo follows the server as it changes; returns what was (or would be) applied."""
     from app import cli
-    from app import main as app_main
+    from app import memory as app_memory
 
     applied = []
     high_water = getattr(cli, "BODY_HIGH_WATER", None)
@@ -47,7 +47,7 @@ def same_tuning(apply: bool = True) -> list[str]:
             if apply:
                 protocol.HIGH_WATER_LIMIT = high_water  # type: ignore[attr-defined]
         applied.append(f"uvicorn HIGH_WATER_LIMIT={high_water}")
-    keep_freed = getattr(app_main, "keep_freed_memory_for_reuse", None)
+    keep_freed = getattr(app_memory, "keep_freed_memory_for_reuse", None)
     if callable(keep_freed):
         if apply:
             keep_freed()

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from app.api.offload import receive_into
 from app.wire import safetensors
 from bench.bench_optim import ADAM_SPEC, _torch
 from bench.common import PortPrinter, Step, grads_of, interleaved_medians, table
@@ -34,15 +35,6 @@ def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-
-
-def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionError("peer closed mid-message")
-        got += n
 
 
 def serve_echo() -> None:
@@ -61,14 +53,14 @@ def serve_echo() -> None:
         with conn:
             try:
                 while True:
-                    _recv_exactly(conn, memoryview(prefix))
+                    receive_into(conn, memoryview(prefix))
                     (n,) = _LENGTH.unpack(prefix)
                     if n > len(buffer):
                         buffer = bytearray(n)
                     view = memoryview(buffer)[:n]
-                    _recv_exactly(conn, view)
+                    receive_into(conn, view)
                     conn.sendall(view)
-            except ConnectionError:
+            except EOFError:
                 pass
 
 
@@ -87,7 +79,7 @@ class TcpEcho:
             self.buffer = bytearray(n)
         self.sock.sendall(_LENGTH.pack(n))
         self.sock.sendall(payload)
-        _recv_exactly(self.sock, memoryview(self.buffer)[:n])
+        receive_into(self.sock, memoryview(self.buffer)[:n])
 
     def step(self, payload: bytes) -> Step:
         return lambda: self.echo(payload)

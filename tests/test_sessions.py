@@ -23,7 +23,7 @@ class Clock:
         return self.now
 
 
-def render(outcome: Any, params: Any, replayed: bool) -> tuple[int, np.ndarray]:
+async def render(outcome: Any, params: Any, replayed: bool) -> tuple[int, np.ndarray]:
     return outcome.step, params["w"].copy()
 
 

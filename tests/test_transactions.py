@@ -43,12 +43,16 @@ def _raise(*_: Any, **__: Any) -> Any:
     raise Injected("injected fault")
 
 
+async def _raise_later(*_: Any, **__: Any) -> Any:
+    raise Injected("injected fault")
+
+
 @contextmanager
 def fault(stage: str, service: SessionService, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Makes `stage` of the next step raise; undone on exit."""
     with monkeypatch.context() as patch:
         if stage == "parse":
-            patch.setattr(bodies, "parse_step", _raise)
+            patch.setattr(bodies, "read_step", _raise_later)
         elif stage == "prepare":
             patch.setattr(Engine, "prepare", _raise)
         elif stage == "update":
@@ -56,7 +60,7 @@ def fault(stage: str, service: SessionService, monkeypatch: pytest.MonkeyPatch) 
         elif stage == "scheduler":
             patch.setattr(schedulers.StepLR, "get_lr", _raise)
         elif stage == "render":
-            patch.setattr(bodies, "render_step", lambda *_: _raise)
+            patch.setattr(bodies, "render_step", lambda *_: _raise_later)
         else:
             store, commit = service.store, service.store.commit
 

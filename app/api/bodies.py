@@ -3,167 +3,93 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any, Literal
 
-import numpy as np
 from starlette.responses import Response
 
+from app.api.offload import INLINE_BYTES, INLINE_NUMBERS, Offload
 from app.optim.base import Array
 from app.optim.engine import StepOutcome
-from app.optim.spec import MAX_PARAMETERS
-from app.wire import jsontensor, safetensors
+from app.optim.limits import MAX_PARAMETERS
+from app.sessions import Render, off_the_loop_if
+from app.wire import envelopes, jsontensor, safetensors
 from app.wire.common import FLOAT_DTYPES as GRAD_DTYPES
 from app.wire.common import PARAM_DTYPES
-from app.wire.errors import WireError
+from app.wire.envelopes import Buffer, StepBody
 from app.wire.negotiate import JSON, SAFETENSORS
 
 Format = Literal["json", "safetensors"]
-CREATE_KEYS = (
-    "optimizer",
-    "params",
-    "scheduler",
-    "param_groups",
-    "steps_per_epoch",
-    "clip_grad_norm",
-    "clip_grad_value",
-    "nonfinite",
-    "metadata",
-)
-STEP_KEYS = ("grads", "step", "loss")
 
 
-@dataclass(frozen=True)
-class StepBody:
-    grads: dict[str, Array]
-    step: int | None
-    loss: float | None
+async def decode_safetensors(
+    offload: Offload, body: Buffer, allowed: Collection[str], max_tensors: int = MAX_PARAMETERS
+) -> tuple[dict[str, Array], dict[str, str]]:
+    """A safetensors body's tensors (views into it) and metadata. A long header is read in a worker
+    process; many views are made in a thread (a Python loop, which lets the event loop in every few ms)."""
+    start = safetensors.header_end(body)
+    buf = memoryview(body).cast("B")
+    entries, metadata = await offload.run(
+        safetensors.read_header,
+        buf[8:start],
+        len(buf) - start,
+        allowed,
+        max_tensors,
+        heavy=start > INLINE_BYTES,
+    )
+    tensors = await off_the_loop_if(len(entries) > 1_000, safetensors.tensors_at, buf, start, entries)
+    return tensors, metadata
 
 
-def _object(body: Any, allowed: tuple[str, ...], what: str) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise WireError(f"the {what} body must be a JSON object with keys {', '.join(allowed)}")
-    unknown = [k for k in body if k not in allowed]
-    if unknown:
-        raise WireError(f"unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}", field=unknown[0])
-    return body
+async def read_create_spec(
+    offload: Offload, metadata: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    heavy = len(metadata[envelopes.CREATE_KEY]) > INLINE_BYTES
+    return await offload.run(envelopes.parse_create_spec, dict(metadata), heavy=heavy)
 
 
-# Members (`"name":` pairs) a JSON body may hold, counted before it is parsed: parsing holds the
-# interpreter for the whole document, so a body of a million tiny members is refused while that costs a
-# scan of its bytes, not a second of parsing. Each of 10,000 tensors takes at most four (its name, shape,
-# dtype, data), and a spec a few hundred.
-MAX_JSON_MEMBERS = 4 * MAX_PARAMETERS + 10_000
-
-
-def _loads(body: bytes | bytearray | memoryview) -> Any:
-    raw = np.frombuffer(body, np.uint8)
-    if len(raw) > 100_000 and np.count_nonzero(raw == ord(":")) > MAX_JSON_MEMBERS:
-        raise WireError(
-            f"the JSON body has more than {MAX_JSON_MEMBERS} members; send large tensors as safetensors",
-            status=413,
-        )
-    return jsontensor.loads(body)
-
-
-def _tensors(value: Any, field: str, default_dtype: str, allowed: Collection[str]) -> dict[str, Array]:
-    if not isinstance(value, dict):
-        raise WireError("expected an object of name -> tensor", field=field)
-    if len(value) > MAX_PARAMETERS:  # before decoding any: a session has no more parameters than this
-        raise WireError(f"at most {MAX_PARAMETERS} tensors, got {len(value)}", field=field)
-    return {
-        str(name): jsontensor.decode_tensor(v, default_dtype, f"{field}.{name}", allowed)
-        for name, v in value.items()
-    }
-
-
-def _int(value: Any, field: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise WireError(f"expected a non-negative integer, got {value!r}", field=field)
-    return value
-
-
-def _number(value: Any, field: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise WireError(f"expected a finite number, got {value!r}", field=field)
-    return float(value)
-
-
-def _meta_int(metadata: Mapping[str, str], key: str) -> int | None:
-    raw = metadata.get(key)
-    if raw is None:
-        return None
-    try:
-        return _int(int(raw), key)
-    except ValueError:
-        raise WireError(f"metadata {key!r} must be an integer, got {raw!r}", field=key) from None
-
-
-def _meta_float(metadata: Mapping[str, str], key: str) -> float | None:
-    """A number from safetensors metadata; NaN and Infinity pass, for the session's nonfinite policy."""
-    raw = metadata.get(key)
-    if raw is None:
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise WireError(f"metadata {key!r} must be a number, got {raw!r}", field=key) from None
-
-
-def parse_create(
-    body: bytes | bytearray | memoryview,
-) -> tuple[dict[str, Any], dict[str, Array], dict[str, str]]:
-    """A JSON create body: (options, params, metadata)."""
-    data = _object(_loads(body), CREATE_KEYS, "create")
-    if "params" not in data:
-        raise WireError("`params` is required: an object of name -> tensor", field="params")
-    params = _tensors(data.pop("params"), "params", "float32", PARAM_DTYPES)
-    metadata = data.pop("metadata", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise WireError("expected an object of string -> string", field="metadata")
-    return data, params, metadata
-
-
-def parse_step(body: bytes | bytearray | memoryview, fmt: Format) -> StepBody:
+async def read_step(offload: Offload, body: Buffer, fmt: Format) -> StepBody:
     if fmt == "safetensors":
-        grads, metadata = safetensors.decode(body, GRAD_DTYPES)
-        return StepBody(grads, _meta_int(metadata, "step"), _meta_float(metadata, "loss"))
-    data = _object(_loads(body), STEP_KEYS, "step")
-    if "grads" not in data:
-        raise WireError("`grads` is required: an object of name -> tensor", field="grads")
-    grads = _tensors(data["grads"], "grads", "float64", GRAD_DTYPES)
-    return StepBody(grads, _int(data.get("step"), "step"), _number(data.get("loss"), "loss"))
+        grads, metadata = await decode_safetensors(offload, body, GRAD_DTYPES)
+        return envelopes.step_of_metadata(grads, metadata)
+    return await offload.parse(envelopes.parse_step, body)
 
 
-def parse_params(body: bytes | bytearray | memoryview, fmt: Format) -> dict[str, Array]:
+async def read_params(offload: Offload, body: Buffer, fmt: Format) -> dict[str, Array]:
     if fmt == "safetensors":
-        tensors, _ = safetensors.decode(body, PARAM_DTYPES)
+        tensors, _ = await decode_safetensors(offload, body, PARAM_DTYPES)
         return tensors
-    data = _object(_loads(body), ("params",), "params")
-    return _tensors(data.get("params"), "params", "float64", PARAM_DTYPES)
+    return await offload.parse(envelopes.parse_params, body)
 
 
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     return Response(jsontensor.dumps(data), status_code=status, media_type=JSON, headers=headers)
 
 
-def safetensors_response(tensors: Mapping[str, Array], metadata: Mapping[str, str]) -> Response:
-    return Response(safetensors.encode_bytes(tensors, metadata), media_type=SAFETENSORS)
+def _numel(tensors: Mapping[str, Array]) -> int:
+    return sum(t.size for t in tensors.values())
 
 
-def _json_tensors(tensors: Mapping[str, Array]) -> dict[str, Any]:
-    return {name: jsontensor.encode_tensor(value) for name, value in tensors.items()}
+async def _json_tensors_response(
+    offload: Offload, data: dict[str, Any], tensors: Mapping[str, Array], headers: Mapping[str, str] | None
+) -> Response:
+    """`data` with `params` (the tensors as JSON objects) added: many numbers render off the loop."""
+    data["params"] = {name: jsontensor.encode_tensor(value) for name, value in tensors.items()}
+    content = await offload.run(jsontensor.dumps, data, heavy=_numel(tensors) > INLINE_NUMBERS)
+    return Response(content, media_type=JSON, headers=headers)
 
 
-def render_step(fmt: Format, return_params: bool) -> Any:
-    """The step answer, built while the session still holds exactly this step's parameters."""
+async def safetensors_response(tensors: Mapping[str, Array], metadata: Mapping[str, str]) -> Response:
+    """A large answer is assembled in a thread: copying arrays into it lets go of the GIL."""
+    heavy = _numel(tensors) > INLINE_NUMBERS
+    content = await off_the_loop_if(heavy, safetensors.encode_bytes, tensors, metadata)
+    return Response(content, media_type=SAFETENSORS)
 
-    def render(outcome: StepOutcome, params: Mapping[str, Array], replayed: bool) -> Response:
+
+def render_step(fmt: Format, return_params: bool, offload: Offload) -> Render[Response]:
+    """The step answer, built from the new engine's parameters (which never change) before the commit."""
+
+    async def render(outcome: StepOutcome, params: Mapping[str, Array], replayed: bool) -> Response:
         grad_norm = None if outcome.skipped or math.isnan(outcome.grad_norm) else outcome.grad_norm
         headers = {"Idempotent-Replayed": "true"} if replayed else None
         shown = params if return_params else {}
@@ -174,30 +100,21 @@ def render_step(fmt: Format, return_params: bool) -> Any:
                 "skipped": "true" if outcome.skipped else "false",
                 "grad_norm": "null" if grad_norm is None else repr(grad_norm),
             }
-            response = safetensors_response(shown, metadata)
+            response = await safetensors_response(shown, metadata)
             response.headers.update(headers or {})
             return response
-        body = {
-            "step": outcome.step,
-            "lr": outcome.lr,
-            "skipped": outcome.skipped,
-            "grad_norm": grad_norm,
-        }
-        if return_params:
-            body["params"] = _json_tensors(shown)
-        return json_response(body, headers=headers)
+        body = {"step": outcome.step, "lr": outcome.lr, "skipped": outcome.skipped, "grad_norm": grad_norm}
+        if not return_params:
+            return json_response(body, headers=headers)
+        return await _json_tensors_response(offload, body, shown, headers)
 
     return render
 
 
-def render_params(fmt: Format) -> Any:
-    def render(step: int, params: Mapping[str, Array]) -> Response:
+def render_params(fmt: Format, offload: Offload) -> Callable[[int, Mapping[str, Array]], Awaitable[Response]]:
+    async def render(step: int, params: Mapping[str, Array]) -> Response:
         if fmt == "safetensors":
-            return safetensors_response(params, {"step": str(step)})
-        return json_response({"step": step, "params": _json_tensors(params)})
+            return await safetensors_response(params, {"step": str(step)})
+        return await _json_tensors_response(offload, {"step": step}, params, None)
 
     return render
-
-
-def render_checkpoint(tensors: Mapping[str, Array], metadata: dict[str, str]) -> Response:
-    return safetensors_response(tensors, metadata)

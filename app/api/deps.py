@@ -12,6 +12,7 @@ import numpy.typing as npt
 from fastapi import Depends, Header, Request
 
 from app.api.errors import ApiError
+from app.api.offload import Offload
 from app.sessions import SessionService
 from app.wire.negotiate import JSON, NotAcceptable, UnsupportedMediaType, request_format, response_format
 
@@ -27,6 +28,11 @@ def tenant_of(key: str) -> str:
 async def get_service(request: Request) -> SessionService:
     service: SessionService = request.app.state.service
     return service
+
+
+async def get_offload(request: Request) -> Offload:
+    offload: Offload = request.app.state.offload
+    return offload
 
 
 async def get_tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
@@ -154,5 +160,6 @@ async def json_only(request: Request) -> None:
 
 Service = Annotated[SessionService, Depends(get_service)]
 Tenant = Annotated[str, Depends(get_tenant)]
+Offloader = Annotated[Offload, Depends(get_offload)]
 Body = Annotated[Buffer, Depends(read_body)]
 JsonAnswer = Depends(json_only)

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from app.api.offload import WorkerLost
 from app.optim.engine import StepError
 from app.optim.hparams import SpecError
 from app.sessions import IdempotencyConflict, NotFound, StepConflict, UnreadableSession
@@ -76,6 +77,8 @@ def to_problem(exc: Exception) -> Response:
         return problem(429, "Quota exceeded", str(exc))
     if isinstance(exc, StoreError):
         return problem(503, "Store unavailable", str(exc), headers={"Retry-After": "1"})
+    if isinstance(exc, WorkerLost):
+        return problem(503, "Worker lost", str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, ApiError):
         return problem(exc.status, exc.title, exc.detail, headers=exc.headers)
     log.exception("unhandled error", exc_info=exc)
@@ -110,6 +113,7 @@ def install(app: FastAPI) -> None:
         UnreadableSession,
         QuotaExceeded,
         StoreError,
+        WorkerLost,
         ApiError,
     ):
         app.add_exception_handler(cls, domain)

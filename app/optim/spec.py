@@ -13,13 +13,11 @@ import numpy as np
 
 from app.optim.base import Array, Optimizer
 from app.optim.hparams import Check, FieldError, HParam, SpecError, parse, to_json
+from app.optim.limits import MAX_GROUPS, MAX_NAME_LENGTH, MAX_PARAMETERS
 from app.optim.registry import get_optimizer
 from app.optim.schedulers import Scheduler, build_scheduler, filled_spec
 
 PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-MAX_PARAMETERS = 10_000
-MAX_GROUPS = 1_000
-MAX_NAME_LENGTH = 256
 # safetensors keeps its metadata under this key: no tensor, so no parameter, may be called so
 RESERVED_NAME = "__metadata__"
 

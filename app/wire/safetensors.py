@@ -144,38 +144,44 @@ def _safetensors_names(allowed_dtypes: frozenset[str]) -> frozenset[str]:
     return frozenset(st for st, dtype in _TO_NUMPY.items() if dtype.name in allowed_dtypes)
 
 
-def decode(
-    body: bytes | bytearray | memoryview, allowed_dtypes: Collection[str] = FLOAT_DTYPES
-) -> tuple[dict[str, Array], dict[str, str]]:
-    """Parse a safetensors body into `({name: array}, metadata)`, validating everything.
+Entry = tuple[np.dtype[Any], tuple[int, ...], int, int]  # dtype, shape, begin, end (in the data buffer)
 
-    `allowed_dtypes` holds numpy names (`float16`, `float32`, `float64`). Arrays are views into `body`
-    (read-only when `body` is read-only), except that a tensor whose data is not aligned for its dtype is
-    copied: numpy handles unaligned arrays, but every operation on them takes a slow path. `body` must be
-    C-contiguous. Every failure is a `WireError`: 400 when the framing or the JSON cannot be read, 422 when
-    the header describes an invalid or unsupported content.
-    """
+
+def header_end(body: bytes | bytearray | memoryview) -> int:
+    """Where the header ends and the data begins, from the 8-byte length prefix (checked, not parsed)."""
     buf = memoryview(body).cast("B")
     if len(buf) < 8:
         _unparsable(f"it is {len(buf)} bytes long, shorter than the 8-byte header length that starts it")
-    (header_len,) = _PREFIX.unpack_from(buf)
+    header_len: int = _PREFIX.unpack_from(buf)[0]
     if header_len > MAX_HEADER_BYTES:
         _unparsable(f"the header length is {header_len} bytes; at most {MAX_HEADER_BYTES} are allowed")
-    data_start = 8 + header_len
-    if data_start > len(buf):
+    if 8 + header_len > len(buf):
         _unparsable(
             f"the header length is {header_len} bytes but only {len(buf) - 8} follow the length prefix"
         )
+    return 8 + header_len
+
+
+def read_header(
+    header: bytes | bytearray | memoryview,
+    data_len: int,
+    allowed_dtypes: Collection[str] = FLOAT_DTYPES,
+    max_tensors: int | None = None,
+) -> tuple[dict[str, Entry], dict[str, str]]:
+    """The header's tensor entries and metadata, every entry checked against a data buffer of `data_len`
+    bytes: the part of decoding that costs in proportion to the header (a long one is parsed off the
+    event loop). More than `max_tensors` tensors are refused before any is looked at."""
     try:
-        text = str(buf[8:data_start], "utf-8")
+        text = str(header, "utf-8")
     except UnicodeDecodeError as exc:
         _unparsable(f"the header is not valid UTF-8 ({exc.reason} at byte {exc.start})")
 
-    header = _parse_header(text)
-    metadata = _parse_metadata(header.pop(_METADATA_KEY, None))
-    data_len = len(buf) - data_start
+    parsed = _parse_header(text)
+    metadata = _parse_metadata(parsed.pop(_METADATA_KEY, None))
+    if max_tensors is not None and len(parsed) > max_tensors:
+        _invalid(f"the header describes {len(parsed)} tensors; at most {max_tensors} are allowed here")
     allowed_st = _safetensors_names(frozenset(allowed_dtypes))
-    entries = {name: _parse_entry(name, entry, data_len, allowed_st) for name, entry in header.items()}
+    entries = {name: _parse_entry(name, entry, data_len, allowed_st) for name, entry in parsed.items()}
 
     # As the reference reader does, require the tensors to tile the data buffer exactly: no overlap (two
     # tensors aliasing the same bytes), no gap and no trailing bytes (data nobody declared).
@@ -190,7 +196,15 @@ def decode(
         position, previous = end, name
     if position != data_len:
         _invalid(f"the data buffer has {data_len - position} trailing bytes that no tensor covers")
+    return entries, metadata
 
+
+def tensors_at(
+    body: bytes | bytearray | memoryview, data_start: int, entries: dict[str, Entry]
+) -> dict[str, Array]:
+    """The tensors `entries` describe, as views into `body` (a misaligned one is copied: numpy handles
+    unaligned arrays, but every operation on them takes a slow path)."""
+    buf = memoryview(body).cast("B")
     tensors: dict[str, Array] = {}
     for name, (dtype, shape, begin, end) in entries.items():
         array = np.frombuffer(
@@ -200,7 +214,23 @@ def decode(
             array = array.copy()
             array.flags.writeable = not buf.readonly
         tensors[name] = array.reshape(shape)
-    return tensors, metadata
+    return tensors
+
+
+def decode(
+    body: bytes | bytearray | memoryview, allowed_dtypes: Collection[str] = FLOAT_DTYPES
+) -> tuple[dict[str, Array], dict[str, str]]:
+    """Parse a safetensors body into `({name: array}, metadata)`, validating everything.
+
+    `allowed_dtypes` holds numpy names (`float16`, `float32`, `float64`). Arrays are views into `body`
+    (read-only when `body` is read-only), except that a misaligned tensor is copied. `body` must be
+    C-contiguous. Every failure is a `WireError`: 400 when the framing or the JSON cannot be read, 422 when
+    the header describes an invalid or unsupported content.
+    """
+    start = header_end(body)
+    buf = memoryview(body).cast("B")
+    entries, metadata = read_header(buf[8:start], len(buf) - start, allowed_dtypes)
+    return tensors_at(buf, start, entries), metadata
 
 
 def _le_contiguous(name: object, array: npt.ArrayLike) -> Array:

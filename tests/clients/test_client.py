@@ -108,6 +108,19 @@ async def test_restored_checkpoint_continues_exactly(connect: Connect, wire: str
             np.testing.assert_array_equal(a.params[name], b.params[name])
 
 
+async def test_a_large_model_is_created_as_safetensors_past_the_json_limit(connect: Connect) -> None:
+    client = await connect(settings={"max_json_bytes": 1 << 20})
+    w = np.random.default_rng(1).standard_normal(200_000).astype(np.float32)  # ~2.4 MB as JSON
+    session = await resolve(
+        client.create_session({"w": w, "b": B}, {"name": "adam", "lr": 0.1}, metadata={"run": "big"})
+    )
+    assert session.info.metadata == {"run": "big"}
+    assert session.info.optimizer["name"] == "adam"
+    params = await resolve(session.params())
+    np.testing.assert_array_equal(params["w"], w)
+    np.testing.assert_array_equal(params["b"], B)
+
+
 @pytest.mark.parametrize("wire", WIRES)
 async def test_set_params_overwrites_values_and_keeps_the_step(connect: Connect, wire: str) -> None:
     client = await connect(wire=wire)

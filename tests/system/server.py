@@ -39,8 +39,11 @@ class Server:
         env: dict[str, str] | None = None,
         log: Path | None = None,
         prefix: list[str] | None = None,
+        cwd: Path | None = None,
     ):
-        """`prefix` runs the server under a command, e.g. `["prlimit", "--as=4000000000"]`."""
+        """`prefix` runs the server under a command, e.g. `["prlimit", "--as=4000000000"]`; `cwd` runs the
+        `app` package found there (another checkout) instead of this one."""
+        self.cwd = cwd
         self.prefix = prefix or []
         self.store = store
         self.port = port or free_port()
@@ -55,7 +58,7 @@ class Server:
             *(sys.executable, "-m", "app.cli", "serve", "--port", str(self.port), "--store", self.store),
         ]
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=self.env)
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=self.env, cwd=self.cwd)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from app.api import bodies
-from app.api.deps import Body, JsonAnswer, Service, Tenant
+from app.api.deps import Body, JsonAnswer, Offloader, Service, Tenant
 from app.api.openapi import (
     CHECKPOINT_RESPONSE,
     CREATE_BODY,
@@ -21,7 +21,8 @@ from app.api.openapi import (
     PUT_PARAMS_RESPONSE,
     SESSION_RESPONSE,
 )
-from app.wire import safetensors
+from app.optim.limits import MAX_SESSION_TENSORS
+from app.wire import envelopes
 from app.wire.common import PARAM_DTYPES
 from app.wire.negotiate import SAFETENSORS, NotAcceptable, request_format, response_format
 
@@ -40,14 +41,19 @@ def _created(info: Any) -> Response:
 @router.post(
     "", status_code=201, openapi_extra=CREATE_BODY, responses=CREATE_RESPONSE, dependencies=[JsonAnswer]
 )
-async def create_session(request: Request, service: Service, tenant: Tenant, body: Body) -> Response:
-    """Create a session from a JSON spec, or restore one from a checkpoint (safetensors body)."""
-    fmt = request_format(request.headers.get("content-type"))
-    if fmt == "safetensors":
-        tensors, metadata = safetensors.decode(body, PARAM_DTYPES)
+async def create_session(
+    request: Request, service: Service, tenant: Tenant, offload: Offloader, body: Body
+) -> Response:
+    """Create a session (a JSON spec, or safetensors parameters with the spec in metadata), or restore one
+    from a checkpoint (safetensors)."""
+    if request_format(request.headers.get("content-type")) == "json":
+        options, params, metadata = await offload.parse(envelopes.parse_create, body)
+        return _created(await service.create(tenant, options, params, metadata))
+    tensors, metadata = await bodies.decode_safetensors(offload, body, PARAM_DTYPES, MAX_SESSION_TENSORS)
+    if envelopes.CREATE_KEY not in metadata:
         return _created(await service.restore(tenant, tensors, metadata))
-    options, params, metadata = bodies.parse_create(body)
-    return _created(await service.create(tenant, options, params, metadata))
+    options, metadata = await bodies.read_create_spec(offload, metadata)
+    return _created(await service.create(tenant, options, tensors, metadata))
 
 
 @router.get("", responses=LIST_RESPONSE, dependencies=[JsonAnswer])
@@ -63,10 +69,12 @@ async def get_session(session_id: str, service: Service, tenant: Tenant) -> Resp
 
 
 @router.get("/{session_id}/params", responses=PARAMS_RESPONSE)
-async def get_params(session_id: str, request: Request, service: Service, tenant: Tenant) -> Response:
+async def get_params(
+    session_id: str, request: Request, service: Service, tenant: Tenant, offload: Offloader
+) -> Response:
     """Current parameters, JSON or safetensors by Accept."""
     answer = response_format(request.headers.get("accept"), "json")
-    response: Response = await service.params(tenant, session_id, bodies.render_params(answer))
+    response: Response = await service.params(tenant, session_id, bodies.render_params(answer, offload))
     return response
 
 
@@ -77,11 +85,11 @@ async def get_params(session_id: str, request: Request, service: Service, tenant
     dependencies=[JsonAnswer],
 )
 async def put_params(
-    session_id: str, request: Request, service: Service, tenant: Tenant, body: Body
+    session_id: str, request: Request, service: Service, tenant: Tenant, offload: Offloader, body: Body
 ) -> Response:
     """Overwrite parameters (same names and shapes); optimizer state and step are kept."""
     fmt = request_format(request.headers.get("content-type"))
-    values = bodies.parse_params(body, fmt)
+    values = await bodies.read_params(offload, body, fmt)
     return bodies.json_response((await service.put_params(tenant, session_id, values)).to_json())
 
 
@@ -90,7 +98,7 @@ async def checkpoint(session_id: str, request: Request, service: Service, tenant
     """Parameters, every optimizer state tensor, and the full spec and scheduler state, as safetensors."""
     if response_format(request.headers.get("accept"), "safetensors") != "safetensors":
         raise NotAcceptable(f"a checkpoint is only served as {SAFETENSORS}")
-    response: Response = await service.checkpoint(tenant, session_id, bodies.render_checkpoint)
+    response: Response = await service.checkpoint(tenant, session_id, bodies.safetensors_response)
     return response
 
 

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api import bodies
-from app.api.deps import get_service, get_tenant, read_body
+from app.api.deps import get_offload, get_service, get_tenant, read_body
 from app.api.errors import to_problem
 from app.wire.errors import WireError
 from app.wire.negotiate import request_format, response_format
@@ -52,13 +52,14 @@ async def step(request: Request) -> Response:
     fmt = request_format(request.headers.get("content-type"))
     answer = response_format(request.headers.get("accept"), fmt)
     body = await read_body(request)
-    parsed = bodies.parse_step(body, fmt)
+    offload = await get_offload(request)
+    parsed = await bodies.read_step(offload, body, fmt)
     service = await get_service(request)
     response: Response = await service.step(
         tenant,
         request.path_params["session_id"],
         parsed.grads,
-        bodies.render_step(answer, return_params),
+        bodies.render_step(answer, return_params, offload),
         loss=parsed.loss,
         expected_step=parsed.step,
         idempotency_key=key,

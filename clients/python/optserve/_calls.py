@@ -13,6 +13,7 @@ import httpx
 import numpy.typing as npt
 import orjson
 
+from optserve import _safetensors
 from optserve._wire import (
     GRAD_DTYPES,
     JSON,
@@ -38,6 +39,9 @@ T = TypeVar("T")
 # A checkpoint holds the parameters and the optimizer's state, at most two buffers per parameter (Adam's
 # moments); a guess of the answer's size, for its timeout.
 CHECKPOINT_SIZE_FACTOR = 3
+# Parameters of a create that go as JSON; larger ones go as safetensors.
+JSON_CREATE_NUMBERS = 65_536
+CREATE_KEY = "optserve.create"
 
 
 @dataclass(frozen=True)
@@ -72,13 +76,16 @@ def _session_info(response: httpx.Response) -> SessionInfo:
 def create(
     params: Mapping[str, npt.ArrayLike], optimizer: Mapping[str, Any], **options: Any
 ) -> Call[SessionInfo]:
-    """The contract only creates from JSON, so the initial parameters travel as JSON tensors. `options` are
-    the create body's other members; None ones are left out."""
-    body = {
-        "params": {n: tensor_json(a) for n, a in arrays(params, PARAM_DTYPES, "parameter").items()},
-        "optimizer": dict(optimizer),
-        **{k: v for k, v in options.items() if v is not None},
-    }
+    """A create body: JSON up to JSON_CREATE_NUMBERS numbers of parameters; beyond, safetensors parameters
+    with the rest of the body, as JSON, in `__metadata__["optserve.create"]` (optserve's extension of the
+    contract: large JSON bodies are slow to parse and capped by the server). `options` are the create
+    body's other members; None ones are left out."""
+    tensors = arrays(params, PARAM_DTYPES, "parameter")
+    spec = {"optimizer": dict(optimizer), **{k: v for k, v in options.items() if v is not None}}
+    if sum(a.size for a in tensors.values()) > JSON_CREATE_NUMBERS:
+        parts = _safetensors.encode_parts(tensors, {CREATE_KEY: dumps(spec).decode()})
+        return Call("POST", "/v1/sessions", _session_info, BufferStream(parts), SAFETENSORS, resendable=False)
+    body = {"params": {n: tensor_json(a) for n, a in tensors.items()}, **spec}
     return Call("POST", "/v1/sessions", _session_info, dumps(body), JSON, resendable=False)
 
 
