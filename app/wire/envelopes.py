@@ -61,13 +61,16 @@ def _object(body: Any, allowed: tuple[str, ...], what: str) -> dict[str, Any]:
 MAX_JSON_MEMBERS = 4 * MAX_PARAMETERS + 10_000
 
 
-def _loads(body: Buffer) -> Any:
+def refuse_more_than(body: Buffer, separator: str, limit: int, what: str) -> None:
+    """413 if `body` holds more than `limit` of `separator` (`:` counts members, `,` items): a scan of its
+    bytes, before a parse that would hold the interpreter for all of them."""
     raw = np.frombuffer(body, np.uint8)
-    if len(raw) > 100_000 and np.count_nonzero(raw == ord(":")) > MAX_JSON_MEMBERS:
-        raise WireError(
-            f"the JSON body has more than {MAX_JSON_MEMBERS} members; send large tensors as safetensors",
-            status=413,
-        )
+    if len(raw) > 100_000 and np.count_nonzero(raw == ord(separator)) > limit:
+        raise WireError(f"the JSON body has more than {limit} {what}", status=413)
+
+
+def _loads(body: Buffer) -> Any:
+    refuse_more_than(body, ":", MAX_JSON_MEMBERS, "members; send large tensors as safetensors")
     return jsontensor.loads(body)
 
 

@@ -288,6 +288,24 @@ async def test_a_preview_is_bounded_in_steps_times_groups(client: httpx.AsyncCli
     assert len(answer.json()["lr"][1]) == 50_000
 
 
+async def test_a_preview_of_millions_of_numbers_is_refused_before_it_is_parsed(
+    client: httpx.AsyncClient,
+) -> None:
+    spec = {"name": "reduce_lr_on_plateau"}
+    losses = [0.5] * 100_000  # the most a preview takes
+    answer = await client.post(
+        "/v1/schedules/preview", json={"lr": 0.1, "scheduler": spec, "steps": 3, "losses": losses}
+    )
+    assert answer.status_code == 200, answer.text
+    body = (
+        b'{"lr": [' + b"0," * 2_000_000 + b'0], "scheduler": {"name": "step_lr", "step_size": 1}, "steps": 1}'
+    )
+    answer = await client.post(
+        "/v1/schedules/preview", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert_problem(answer, 413, "at most 100,000 losses")
+
+
 async def test_each_key_has_its_quota_of_sessions(make_client: AppClient) -> None:
     client = await make_client(api_keys="alice,bob", max_sessions_per_key=2)
     body = {"optimizer": {"name": "sgd"}, "params": {"w": [0.0]}}
