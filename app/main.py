@@ -18,7 +18,7 @@ from app import __version__
 from app.api import errors
 from app.api.deps import InflightBytes
 from app.api.offload import Offload
-from app.api.openapi import COMPONENTS, STEP_OPERATION
+from app.api.openapi import COMPONENTS, STEP_OPERATION, secure
 from app.api.routes import catalogue, health, sessions, step
 from app.memory import keep_freed_memory_for_reuse, trim_freed_memory
 from app.metrics import Metrics, MetricsMiddleware
@@ -123,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.add_middleware(step.StepFastPath)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app, bool(keys))  # type: ignore[method-assign]
     return app
 
 
@@ -138,12 +138,13 @@ async def _expire_forever(service: SessionService) -> None:
             log.exception("session expiry failed")
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
+def _openapi(app: FastAPI, keys_required: bool) -> dict[str, Any]:
     """FastAPI's document plus the hand-written schemas of the bodies the handlers parse themselves."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         schema.setdefault("components", {}).setdefault("schemas", {}).update(COMPONENTS)
         schema["paths"].setdefault(step.PATH, {})["post"] = STEP_OPERATION
+        secure(schema, keys_required)
         app.openapi_schema = schema
     return app.openapi_schema
 

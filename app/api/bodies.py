@@ -91,17 +91,20 @@ def render_step(fmt: Format, return_params: bool, offload: Offload) -> Render[Re
 
     async def render(outcome: StepOutcome, params: Mapping[str, Array], replayed: bool) -> Response:
         grad_norm = None if outcome.skipped or math.isnan(outcome.grad_norm) else outcome.grad_norm
-        headers = {"Idempotent-Replayed": "true"} if replayed else None
+        metadata = {
+            "step": str(outcome.step),
+            "lr": jsontensor.dumps(outcome.lr).decode(),
+            "skipped": "true" if outcome.skipped else "false",
+            "grad_norm": "null" if grad_norm is None else repr(grad_norm),
+        }
+        # the same, in headers: a client reads them whatever the body's format
+        headers = {f"Optserve-{k.title().replace('_', '-')}": v for k, v in metadata.items()}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
         shown = params if return_params else {}
         if fmt == "safetensors":
-            metadata = {
-                "step": str(outcome.step),
-                "lr": jsontensor.dumps(outcome.lr).decode(),
-                "skipped": "true" if outcome.skipped else "false",
-                "grad_norm": "null" if grad_norm is None else repr(grad_norm),
-            }
             response = await safetensors_response(shown, metadata)
-            response.headers.update(headers or {})
+            response.headers.update(headers)
             return response
         body = {"step": outcome.step, "lr": outcome.lr, "skipped": outcome.skipped, "grad_norm": grad_norm}
         if not return_params:

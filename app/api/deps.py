@@ -9,7 +9,7 @@ from typing import Annotated
 import anyio
 import numpy as np
 import numpy.typing as npt
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
 
 from app.api.errors import ApiError
 from app.api.offload import Offload
@@ -35,12 +35,13 @@ async def get_offload(request: Request) -> Offload:
     return offload
 
 
-async def get_tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    """The caller's tenant: open mode has one; otherwise the Bearer key must match a configured key."""
+async def get_tenant(request: Request) -> str:
+    """The caller's tenant: open mode has one; otherwise the Bearer key must match a configured key. (The
+    OpenAPI document declares the key as a bearer security scheme, not as a header parameter.)"""
     keys: list[bytes] = request.app.state.api_keys
     if not keys:
         return OPEN_TENANT
-    scheme, _, token = (authorization or "").partition(" ")
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(
             401, "Unauthorized", "send `Authorization: Bearer <key>`", {"WWW-Authenticate": "Bearer"}

@@ -1,9 +1,15 @@
 """OpenAPI 3.1 descriptions of the bodies the handlers read and write themselves (JSON and binary), and of
-every answer an operation can give: its success bodies and its problem+json (RFC 9457) errors."""
+every answer an operation can give: its success bodies and its problem+json (RFC 9457) errors. The JSON
+schemas come from the pydantic models of `app.api.schemas`; what is written here by hand is what a model
+cannot say: which operation reads and answers which media types, statuses and headers."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from app.api.schemas import MODELS
 
 PROBLEM = "application/problem+json"
 JSON = "application/json"
@@ -24,246 +30,16 @@ def _list_of(key: str, item: str) -> dict[str, Any]:
 
 BINARY = {"type": "string", "format": "binary", "contentMediaType": SAFETENSORS}
 
-_NUMBER_OR_NULL = {"type": ["number", "null"]}
-_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 
-COMPONENTS: dict[str, Any] = {
-    "NestedNumbers": {
-        "type": "array",
-        "items": {"anyOf": [{"type": "number"}, ref("NestedNumbers")]},
-    },
-    "TensorObject": {
-        "type": "object",
-        "required": ["shape", "data"],
-        "additionalProperties": False,
-        "properties": {
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "dtype": {
-                "type": "string",
-                "enum": ["float16", "float32", "float64"],
-                "description": "the parameter's dtype when left out; float16 for gradients only",
-            },
-            "data": {"type": "array", "items": {"type": "number"}, "description": "row-major, flat"},
-        },
-    },
-    "Tensor": {
-        "description": "object form, or a bare (nested) list of numbers, or a bare number",
-        "anyOf": [ref("TensorObject"), ref("NestedNumbers"), {"type": "number"}],
-    },
-    "Tensors": {"type": "object", "additionalProperties": ref("Tensor")},
-    "Spec": {
-        "type": "object",
-        "required": ["name"],
-        "properties": {"name": {"type": "string"}},
-        "additionalProperties": True,
-        "description": "a name from GET /v1/optimizers or /v1/schedulers and its arguments",
-    },
-    "CreateSession": {
-        "type": "object",
-        "required": ["optimizer", "params"],
-        "additionalProperties": False,
-        "properties": {
-            "optimizer": ref("Spec"),
-            "params": ref("Tensors"),
-            "scheduler": {"anyOf": [ref("Spec"), {"type": "null"}]},
-            "param_groups": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["params"],
-                    "properties": {"params": {"type": "array", "items": {"type": "string"}}},
-                },
-            },
-            "steps_per_epoch": {"type": "integer", "minimum": 1},
-            "clip_grad_norm": {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}]},
-            "clip_grad_value": {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}]},
-            "nonfinite": {"type": "string", "enum": ["error", "skip", "allow"]},
-            "metadata": _STRING_MAP,
-        },
-    },
-    "Step": {
-        "type": "object",
-        "required": ["grads"],
-        "additionalProperties": False,
-        "properties": {
-            "grads": ref("Tensors"),
-            "step": {"type": "integer", "minimum": 0, "description": "must equal the session's step (409)"},
-            "loss": {"type": "number"},
-        },
-    },
-    "PutParams": {
-        "type": "object",
-        "required": ["params"],
-        "additionalProperties": False,
-        "properties": {"params": ref("Tensors")},
-    },
-    "TensorOut": {
-        "type": "object",
-        "required": ["shape", "dtype", "data"],
-        "properties": {
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "dtype": {"type": "string", "enum": ["float32", "float64"]},
-            "data": {
-                "type": "array",
-                "items": {"type": ["number", "null"]},
-                "description": "row-major; NaN and Infinity (a diverged run) are null, as JSON has neither",
-            },
-        },
-    },
-    "TensorInfo": {
-        "type": "object",
-        "required": ["shape", "dtype"],
-        "properties": {
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "dtype": {"type": "string", "enum": ["float32", "float64"]},
-        },
-    },
-    "Lr": {"type": "array", "items": {"type": "number"}, "description": "one value per parameter group"},
-    "StepResult": {
-        "type": "object",
-        "required": ["step", "lr", "skipped", "grad_norm"],
-        "properties": {
-            "step": {"type": "integer", "minimum": 0},
-            "lr": ref("Lr"),
-            "skipped": {"type": "boolean"},
-            "grad_norm": _NUMBER_OR_NULL,
-            "params": {"type": "object", "additionalProperties": ref("TensorOut")},
-        },
-    },
-    "Params": {
-        "type": "object",
-        "required": ["step", "params"],
-        "properties": {
-            "step": {"type": "integer", "minimum": 0},
-            "params": {"type": "object", "additionalProperties": ref("TensorOut")},
-        },
-    },
-    "SessionSummary": {
-        "type": "object",
-        "required": ["id", "step", "lr", "created_at", "updated_at", "metadata"],
-        "properties": {
-            "id": {"type": "string"},
-            "step": {"type": "integer", "minimum": 0},
-            "lr": ref("Lr"),
-            "created_at": {"type": "number"},
-            "updated_at": {"type": "number"},
-            "metadata": _STRING_MAP,
-        },
-    },
-    "SessionList": _list_of("sessions", "SessionSummary"),
-    "Session": {
-        "type": "object",
-        "required": [
-            "id",
-            "step",
-            "lr",
-            "optimizer",
-            "scheduler",
-            "param_groups",
-            "params",
-            "created_at",
-            "updated_at",
-            "metadata",
-        ],
-        "properties": {
-            "id": {"type": "string"},
-            "step": {"type": "integer", "minimum": 0},
-            "lr": ref("Lr"),
-            "optimizer": ref("Spec"),
-            "scheduler": {"anyOf": [ref("Spec"), {"type": "null"}]},
-            "param_groups": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["params"],
-                    "properties": {"params": {"type": "array", "items": {"type": "string"}}},
-                },
-            },
-            "params": {"type": "object", "additionalProperties": ref("TensorInfo")},
-            "steps_per_epoch": {"type": "integer", "minimum": 1},
-            "clip_grad_norm": _NUMBER_OR_NULL,
-            "clip_grad_value": _NUMBER_OR_NULL,
-            "nonfinite": {"type": "string", "enum": ["error", "skip", "allow"]},
-            "created_at": {"type": "number"},
-            "updated_at": {"type": "number"},
-            "metadata": _STRING_MAP,
-        },
-    },
-    "HistoryRecord": {
-        "type": "object",
-        "required": ["step", "lr", "loss", "grad_norm", "skipped", "time"],
-        "properties": {
-            "step": {"type": "integer", "minimum": 0},
-            "lr": ref("Lr"),
-            "loss": _NUMBER_OR_NULL,
-            "grad_norm": _NUMBER_OR_NULL,
-            "skipped": {"type": "boolean"},
-            "time": {"type": "number"},
-        },
-    },
-    "History": _list_of("steps", "HistoryRecord"),
-    "CatalogueEntry": {
-        "type": "object",
-        "required": ["name", "description", "hyperparameters"],
-        "properties": {
-            "name": {"type": "string"},
-            "description": {"type": "string"},
-            "needs_metric": {"type": "boolean"},
-            "hyperparameters": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["name", "type", "description"],
-                    "properties": {
-                        "name": {"type": "string"},
-                        "type": {"type": "string"},
-                        "description": {"type": "string"},
-                        "required": {"type": "boolean"},
-                        "choices": {"type": "array"},
-                    },
-                },
-            },
-        },
-    },
-    "Optimizers": _list_of("optimizers", "CatalogueEntry"),
-    "Schedulers": _list_of("schedulers", "CatalogueEntry"),
-    "PreviewResult": {
-        "type": "object",
-        "required": ["lr"],
-        "properties": {
-            "lr": {
-                "type": "array",
-                "items": {"type": "array", "items": {"type": "number"}},
-                "description": "per group, the lr before each step",
-            }
-        },
-    },
-    "Status": {
-        "type": "object",
-        "required": ["status"],
-        "properties": {"status": {"type": "string"}, "store": {"type": "string"}},
-    },
-    "Problem": {
-        "type": "object",
-        "description": "RFC 9457 problem details",
-        "required": ["type", "title", "status", "detail"],
-        "properties": {
-            "type": {"type": "string"},
-            "title": {"type": "string"},
-            "status": {"type": "integer", "minimum": 400, "maximum": 599},
-            "detail": {"type": "string"},
-            "errors": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["field", "message"],
-                    "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
-                },
-            },
-            "current_step": {"type": "integer", "minimum": 0},
-        },
-    },
-}
+def _components() -> dict[str, Any]:
+    _, schema = models_json_schema(
+        [(model, "validation") for model in MODELS], ref_template="#/components/schemas/{model}"
+    )
+    components: dict[str, Any] = schema["$defs"]
+    return components
+
+
+COMPONENTS: dict[str, Any] = _components()
 
 # Why each status is answered; every one of them is a Problem.
 _PROBLEMS: dict[int, str] = {
@@ -349,13 +125,43 @@ CREATE_RESPONSE = _answer(
 LIST_RESPONSE = _answer(200, "SessionList", None) | problems(*_V1, 406, 503)
 SESSION_RESPONSE = _answer(200, "Session", None) | problems(*_SESSION, 406)
 DELETE_RESPONSE = problems(*_SESSION)
+_STEP_HEADERS: dict[str, Any] = {
+    "Idempotent-Replayed": {
+        "schema": {"type": "string", "enum": ["true"]},
+        "description": "this answer is the first answer to this Idempotency-Key again; nothing was applied",
+    },
+    "Optserve-Step": {
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+        "description": "the session's step after this one",
+    },
+    "Optserve-Lr": {
+        "required": True,
+        "schema": {"type": "string"},
+        "description": "the lr per group as a JSON list, e.g. `[0.1]`",
+    },
+    "Optserve-Skipped": {"required": True, "schema": {"type": "string", "enum": ["true", "false"]}},
+    "Optserve-Grad-Norm": {
+        "required": True,
+        "schema": {"type": "string"},
+        "description": "the gradients' L2 norm before clipping, or `null` when skipped",
+    },
+}
 STEP_RESPONSE = _answer(
     200,
     "StepResult",
-    "the parameters; metadata step, lr (JSON list), skipped, grad_norm",
-    headers={"Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}}},
+    "the new parameters (none with return_params=false). `__metadata__` holds, as strings: `step` (an "
+    "integer), `lr` (a JSON list of numbers, one per group), `skipped` (`true` or `false`), `grad_norm` "
+    "(a number, or `null`); the Optserve-* headers carry the same",
+    "the step's result, in the format `Accept` asks for; without `Accept`, in the request's format",
+    headers=_STEP_HEADERS,
 ) | problems(*_SESSION, *_BODY, 406, 409)
-PARAMS_RESPONSE = _answer(200, "Params", "the parameters; metadata step") | problems(*_SESSION, 406)
+PARAMS_RESPONSE = _answer(
+    200,
+    "Params",
+    "the parameters; `__metadata__` `step` (an integer, as a string)",
+    "the parameters, in the format `Accept` asks for (JSON without one)",
+) | problems(*_SESSION, 406)
 PUT_PARAMS_RESPONSE = _answer(200, "Session", None) | problems(*_SESSION, *_BODY, 406)
 CHECKPOINT_RESPONSE = _answer(
     200, None, "parameters, state tensors; metadata: spec, step, scheduler state"
@@ -375,7 +181,7 @@ STEP_OPERATION: dict[str, Any] = {
     "tags": ["sessions"],
     "summary": "Step",
     "description": "One optimizer step; answers the new step, lr and (unless return_params=false) params.",
-    "operationId": "step_v1_sessions__session_id__step_post",
+    "operationId": "step",
     "parameters": [
         {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}},
         {
@@ -395,3 +201,24 @@ STEP_OPERATION: dict[str, Any] = {
     **STEP_BODY,
     "responses": {str(status): answer for status, answer in STEP_RESPONSE.items()},
 }
+
+
+SECURITY_SCHEME = "bearerAuth"
+
+
+def secure(document: dict[str, Any], keys_required: bool) -> None:
+    """Declares the API key as a bearer security scheme on every /v1 operation (optional in open mode)."""
+    document.setdefault("components", {})["securitySchemes"] = {
+        SECURITY_SCHEME: {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "an API key from OPTSERVE_API_KEYS; a server started without keys takes none",
+        }
+    }
+    requirement: list[dict[str, list[str]]] = [{SECURITY_SCHEME: []}]
+    if not keys_required:
+        requirement.append({})
+    for path, item in document["paths"].items():
+        if path.startswith("/v1/"):
+            for operation in item.values():
+                operation["security"] = requirement

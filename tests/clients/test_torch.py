@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -247,3 +249,15 @@ def test_push_params_sends_in_place_edits_to_the_session(sync_client: optserve.C
 def test_half_precision_parameters_are_refused(sync_client: optserve.Client) -> None:
     with pytest.raises(TypeError, match="float16; optserve sessions hold float32 or float64"):
         RemoteOptimizer(model(torch.float16).parameters(), client=sync_client, optimizer={"name": "sgd"})
+
+
+def test_optserve_torch_loads_on_first_use_and_not_before() -> None:
+    """`import optserve` then `optserve.torch.RemoteOptimizer`, as the contract writes it; torch is not
+    imported by `import optserve` alone."""
+    code = (
+        "import sys, optserve\n"
+        "assert 'torch' not in sys.modules and 'optserve.torch' not in sys.modules\n"
+        "assert optserve.torch.RemoteOptimizer.__name__ == 'RemoteOptimizer'\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

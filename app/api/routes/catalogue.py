@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.responses import Response
 
 from app.api.bodies import json_response
 from app.api.deps import Body, JsonAnswer, Tenant
-from app.api.openapi import OPTIMIZERS_RESPONSE, PREVIEW_RESPONSE, SCHEDULERS_RESPONSE
+from app.api.openapi import OPTIMIZERS_RESPONSE, PREVIEW_RESPONSE, SCHEDULERS_RESPONSE, ref
+from app.api.schemas import Preview
 from app.optim.hparams import SpecError
 from app.optim.preview import preview_schedule
 from app.optim.registry import optimizer_catalogue
 from app.optim.schedulers import scheduler_catalogue
 from app.wire.envelopes import refuse_more_than
-from app.wire.negotiate import JSON
+from app.wire.negotiate import JSON, UnsupportedMediaType, request_format
 
 router = APIRouter(prefix="/v1", tags=["catalogue"])
 # steps x groups of one preview: about 0.1 s of Python (off the event loop) and a 2 MB answer
@@ -28,31 +27,17 @@ MAX_PREVIEW_POINTS = 100_000
 MAX_PREVIEW_ITEMS = 110_000
 
 
-class Preview(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    lr: float | Annotated[list[float], Field(min_length=1, max_length=1_000)] = Field(
-        description="base lr, or one per parameter group"
-    )
-    scheduler: dict[str, Any] = Field(description="a scheduler spec, as in POST /v1/sessions")
-    steps: Annotated[int, Field(ge=0, le=1_000_000)] = Field(description="at most 100,000 x groups")
-    steps_per_epoch: Annotated[int, Field(ge=1)] = 1
-    losses: Annotated[list[float], Field(max_length=100_000)] | None = Field(
-        None, description="one loss per step, for reduce_lr_on_plateau"
-    )
-    optimizer: dict[str, Any] | None = Field(None, description="optimizer spec (default sgd) for cycling")
-
-
-PREVIEW_SCHEMA = Preview.model_json_schema()
-
-
-@router.get("/optimizers", responses=OPTIMIZERS_RESPONSE, dependencies=[JsonAnswer])
+@router.get(
+    "/optimizers", responses=OPTIMIZERS_RESPONSE, dependencies=[JsonAnswer], operation_id="listOptimizers"
+)
 async def optimizers(_: Tenant) -> Response:
     """Every optimizer with its hyperparameters, types, defaults and a one-line description."""
     return json_response({"optimizers": optimizer_catalogue()})
 
 
-@router.get("/schedulers", responses=SCHEDULERS_RESPONSE, dependencies=[JsonAnswer])
+@router.get(
+    "/schedulers", responses=SCHEDULERS_RESPONSE, dependencies=[JsonAnswer], operation_id="listSchedulers"
+)
 async def schedulers(_: Tenant) -> Response:
     """Every scheduler with its arguments, types, defaults and a one-line description."""
     return json_response({"schedulers": scheduler_catalogue()})
@@ -61,12 +46,17 @@ async def schedulers(_: Tenant) -> Response:
 @router.post(
     "/schedules/preview",
     responses=PREVIEW_RESPONSE,
-    openapi_extra={"requestBody": {"required": True, "content": {JSON: {"schema": PREVIEW_SCHEMA}}}},
+    openapi_extra={
+        "requestBody": {"required": True, "content": {JSON: {"schema": ref("Preview")}}},
+    },
     dependencies=[JsonAnswer],
+    operation_id="previewSchedule",
 )
-async def preview(_: Tenant, body: Body) -> Response:
+async def preview(request: Request, _: Tenant, body: Body) -> Response:
     """The lr before each of the next `steps` steps, per group."""
     # the body is read after the key is checked, so an unauthenticated caller learns nothing from it
+    if request_format(request.headers.get("content-type")) != "json":
+        raise UnsupportedMediaType(f"a preview is read from {JSON} only")
     refuse_more_than(body, ",", MAX_PREVIEW_ITEMS, "list items: a preview takes at most 100,000 losses")
     try:
         spec = Preview.model_validate_json(bytes(body) if isinstance(body, memoryview) else body)
@@ -81,9 +71,9 @@ async def preview(_: Tenant, body: Body) -> Response:
         )
 
     def run() -> list[list[float]]:
-        return preview_schedule(
-            spec.lr, spec.scheduler, spec.steps, spec.steps_per_epoch, spec.losses, spec.optimizer
-        )
+        optimizer = spec.optimizer.model_dump(mode="json") if spec.optimizer else None
+        scheduler = spec.scheduler.model_dump(mode="json")
+        return preview_schedule(spec.lr, scheduler, spec.steps, spec.steps_per_epoch, spec.losses, optimizer)
 
     # a long schedule is seconds of Python: a thread keeps the event loop answering meanwhile
     lrs = run() if spec.steps * groups <= 1_000 else await anyio.to_thread.run_sync(run)

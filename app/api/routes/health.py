@@ -13,13 +13,13 @@ from app.store.base import StoreError
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", responses=HEALTH_RESPONSE)
+@router.get("/healthz", responses=HEALTH_RESPONSE, operation_id="healthz")
 async def healthz() -> Response:
     """The process is up."""
     return json_response({"status": "ok"})
 
 
-@router.get("/readyz", responses=READY_RESPONSE)
+@router.get("/readyz", responses=READY_RESPONSE, operation_id="readyz")
 async def readyz(request: Request) -> Response:
     """The store is reachable."""
     try:
@@ -29,7 +29,7 @@ async def readyz(request: Request) -> Response:
     return json_response({"status": "ready", "store": request.app.state.settings.store.split(":", 1)[0]})
 
 
-@router.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSE)
+@router.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSE, operation_id="metrics")
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     m = request.app.state.metrics

@@ -39,7 +39,12 @@ def _created(info: Any) -> Response:
 
 
 @router.post(
-    "", status_code=201, openapi_extra=CREATE_BODY, responses=CREATE_RESPONSE, dependencies=[JsonAnswer]
+    "",
+    status_code=201,
+    openapi_extra=CREATE_BODY,
+    responses=CREATE_RESPONSE,
+    dependencies=[JsonAnswer],
+    operation_id="createSession",
 )
 async def create_session(
     request: Request, service: Service, tenant: Tenant, offload: Offloader, body: Body
@@ -56,19 +61,19 @@ async def create_session(
     return _created(await service.create(tenant, options, tensors, metadata))
 
 
-@router.get("", responses=LIST_RESPONSE, dependencies=[JsonAnswer])
+@router.get("", responses=LIST_RESPONSE, dependencies=[JsonAnswer], operation_id="listSessions")
 async def list_sessions(service: Service, tenant: Tenant) -> Response:
     """The caller's sessions: id, step, lr, created_at, updated_at, metadata."""
     return bodies.json_response({"sessions": await service.list_sessions(tenant)})
 
 
-@router.get("/{session_id}", responses=SESSION_RESPONSE, dependencies=[JsonAnswer])
+@router.get("/{session_id}", responses=SESSION_RESPONSE, dependencies=[JsonAnswer], operation_id="getSession")
 async def get_session(session_id: str, service: Service, tenant: Tenant) -> Response:
     """The session with every default filled in."""
     return bodies.json_response((await service.get(tenant, session_id)).to_json())
 
 
-@router.get("/{session_id}/params", responses=PARAMS_RESPONSE)
+@router.get("/{session_id}/params", responses=PARAMS_RESPONSE, operation_id="getParams")
 async def get_params(
     session_id: str, request: Request, service: Service, tenant: Tenant, offload: Offloader
 ) -> Response:
@@ -83,6 +88,7 @@ async def get_params(
     openapi_extra=PARAMS_BODY,
     responses=PUT_PARAMS_RESPONSE,
     dependencies=[JsonAnswer],
+    operation_id="putParams",
 )
 async def put_params(
     session_id: str, request: Request, service: Service, tenant: Tenant, offload: Offloader, body: Body
@@ -93,7 +99,12 @@ async def put_params(
     return bodies.json_response((await service.put_params(tenant, session_id, values)).to_json())
 
 
-@router.get("/{session_id}/checkpoint", response_class=Response, responses=CHECKPOINT_RESPONSE)
+@router.get(
+    "/{session_id}/checkpoint",
+    response_class=Response,
+    responses=CHECKPOINT_RESPONSE,
+    operation_id="getCheckpoint",
+)
 async def checkpoint(session_id: str, request: Request, service: Service, tenant: Tenant) -> Response:
     """Parameters, every optimizer state tensor, and the full spec and scheduler state, as safetensors."""
     if response_format(request.headers.get("accept"), "safetensors") != "safetensors":
@@ -102,7 +113,9 @@ async def checkpoint(session_id: str, request: Request, service: Service, tenant
     return response
 
 
-@router.get("/{session_id}/history", responses=HISTORY_RESPONSE, dependencies=[JsonAnswer])
+@router.get(
+    "/{session_id}/history", responses=HISTORY_RESPONSE, dependencies=[JsonAnswer], operation_id="getHistory"
+)
 async def history(
     session_id: str,
     service: Service,
@@ -113,7 +126,7 @@ async def history(
     return bodies.json_response({"steps": await service.history(tenant, session_id, limit)})
 
 
-@router.delete("/{session_id}", status_code=204, responses=DELETE_RESPONSE)
+@router.delete("/{session_id}", status_code=204, responses=DELETE_RESPONSE, operation_id="deleteSession")
 async def delete_session(session_id: str, service: Service, tenant: Tenant) -> Response:
     """Delete the session; afterwards it is 404."""
     await service.delete(tenant, session_id)

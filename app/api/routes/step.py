@@ -44,7 +44,7 @@ def _return_params(raw: str | None) -> bool:
 
 async def step(request: Request) -> Response:
     """Apply one optimizer step; answer the new step, lr, and (unless return_params=false) parameters."""
-    tenant = await get_tenant(request, request.headers.get("authorization"))
+    tenant = await get_tenant(request)
     return_params = _return_params(request.query_params.get("return_params"))
     key = request.headers.get("idempotency-key")
     if key is not None and len(key) > MAX_KEY_LENGTH:

@@ -1,6 +1,8 @@
 """optserve's Python SDK: `Client`/`AsyncClient` speak the v1 HTTP API; `optserve.torch.RemoteOptimizer` (with
 the `torch` extra) makes a server session a `torch.optim.Optimizer`."""
 
+from typing import TYPE_CHECKING, Any
+
 from optserve._client import AsyncClient, AsyncSession, Client, Session
 from optserve._policy import RetryPolicy, Timeout
 from optserve._version import __version__
@@ -51,4 +53,17 @@ __all__ = [
     "UnsupportedMediaType",
     "ValidationError",
     "__version__",
+    "torch",
 ]
+
+if TYPE_CHECKING:
+    from optserve import torch
+
+
+def __getattr__(name: str) -> Any:
+    # `optserve.torch` loads on first use, so that `import optserve` works, and stays light, without torch
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module("optserve.torch")
+    raise AttributeError(f"module 'optserve' has no attribute {name!r}")
