@@ -13,13 +13,14 @@ from typing import Any
 import anyio
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api import errors
 from app.api.deps import InflightBytes
 from app.api.offload import Offload
 from app.api.openapi import COMPONENTS, STEP_OPERATION, secure
-from app.api.routes import catalogue, health, sessions, step
+from app.api.routes import catalogue, docs, health, sessions, step
 from app.memory import keep_freed_memory_for_reuse, trim_freed_memory
 from app.metrics import Metrics, MetricsMiddleware
 from app.optim import fused
@@ -29,6 +30,17 @@ from app.store.base import Quota, Store
 
 log = logging.getLogger("optserve")
 EXPIRY_INTERVAL = 60.0
+# What a page on another origin may read of an answer, besides the CORS-safelisted headers.
+EXPOSED_HEADERS = [
+    "Location",
+    "Retry-After",
+    "WWW-Authenticate",
+    "Idempotent-Replayed",
+    "Optserve-Step",
+    "Optserve-Lr",
+    "Optserve-Skipped",
+    "Optserve-Grad-Norm",
+]
 
 
 def open_store(settings: Settings) -> Store:
@@ -110,6 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Optimizer-as-a-service: torch.optim's exact steps over HTTP",
         lifespan=lifespan,
+        docs_url=None,  # served from the package's own assets (app/api/routes/docs.py), not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.service = service
@@ -119,10 +133,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.offload = offload
     errors.install(app)
     app.router.routes.append(step.route)
-    for router in (sessions.router, catalogue.router, health.router):
+    for router in (sessions.router, catalogue.router, health.router, docs.router):
         app.include_router(router)
+    app.mount(docs.ASSETS_PATH, docs.assets, name="docs-assets")
     app.add_middleware(step.StepFastPath)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    origins = settings.cors_origin_list()
+    if origins:  # outermost, so that preflights and every answer (the step's too) get their CORS headers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            # by name: a wildcard does not cover Authorization (Fetch standard)
+            allow_headers=["Authorization", "Content-Type", "Accept", "Idempotency-Key"],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        )
     app.openapi = lambda: _openapi(app, bool(keys))  # type: ignore[method-assign]
     return app
 

@@ -44,9 +44,16 @@ class Settings(BaseSettings):
     idle_trim_seconds: float = Field(
         2.0, gt=0, description="idle seconds after which memory freed since is given back to the system"
     )
+    cors_origins: str | None = Field(
+        None,
+        description="comma-separated origins whose pages may call the API (`*`: any); unset = none",
+    )
     session_ttl: float | None = Field(None, description="seconds of idleness after which a session expires")
     cache_bytes: int = Field(1 << 30, description="memory for live sessions cached over a durable store")
     history_limit: int = Field(10_000, description="history rows kept per session")
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in (self.cors_origins or "").split(",") if o.strip()]
 
     def key_list(self) -> list[str]:
         """Every configured API key (env list and file), blank lines and `#` comments ignored."""
