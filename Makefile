@@ -25,13 +25,23 @@ $(TEST_STAMP): $(STAMP) pyproject.toml clients/python/pyproject.toml
 
 install: $(STAMP)
 
-install-test: $(TEST_STAMP) system-deps
+# npm packages of the tests that generate and run TypeScript clients (pinned by their package-lock.json)
+NODE_STAMP := tests/clients/generated/node_modules/.installed
+$(NODE_STAMP): tests/clients/generated/package-lock.json | system-deps
+	npm ci --prefix tests/clients/generated --no-audit --no-fund --loglevel=error
+	touch $@
 
-# redis-server backs the Redis store's tests; Debian's package, installed when missing (root in CI)
+install-test: $(TEST_STAMP) system-deps $(NODE_STAMP)
+
+# redis-server backs the Redis store's tests, Node.js and npm the TypeScript ones; Debian's packages,
+# installed when missing (root in CI)
 system-deps:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server (Debian package)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@{ command -v node && command -v npm; } >/dev/null || { \
+	  echo "installing nodejs and npm (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
 
 demo: install
 	$(BIN)/optserve demo
@@ -53,4 +63,4 @@ bench: install-test
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) optserve-data demo-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) optserve-data demo-output .pytest_cache .mypy_cache .ruff_cache tests/clients/generated/node_modules

@@ -82,8 +82,12 @@ def _body(json_schema: str, binary_doc: str) -> dict[str, Any]:
             "required": True,
             "content": {
                 JSON: {"schema": ref(json_schema)},
-                SAFETENSORS: {"schema": {**BINARY, "description": binary_doc}},
-                OCTET: {"schema": {**BINARY, "description": f"synonym of {SAFETENSORS}"}},
+                # application/octet-stream is read as safetensors too; it is not listed as a second binary
+                # type, because generators then make the body optional (openapi-python-client 0.29 then
+                # writes a create it cannot import)
+                SAFETENSORS: {
+                    "schema": {**BINARY, "description": f"{binary_doc} ({OCTET} is read the same)"}
+                },
             },
         }
     }
