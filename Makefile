@@ -25,13 +25,15 @@ $(TEST_STAMP): $(STAMP) pyproject.toml clients/python/pyproject.toml
 
 install: $(STAMP)
 
-# npm packages of the tests that generate and run TypeScript clients (pinned by their package-lock.json)
-NODE_STAMP := tests/clients/generated/node_modules/.installed
-$(NODE_STAMP): tests/clients/generated/package-lock.json | system-deps
-	npm ci --prefix tests/clients/generated --no-audit --no-fund --loglevel=error
+# npm packages (pinned by each package-lock.json) of the TypeScript client and of the tests that
+# generate TypeScript clients
+NODE_PROJECTS := clients/typescript tests/clients/generated
+NODE_STAMPS := $(addsuffix /node_modules/.installed,$(NODE_PROJECTS))
+%/node_modules/.installed: %/package-lock.json | system-deps
+	npm ci --prefix $* --no-audit --no-fund --loglevel=error
 	touch $@
 
-install-test: $(TEST_STAMP) system-deps $(NODE_STAMP)
+install-test: $(TEST_STAMP) system-deps $(NODE_STAMPS)
 
 # redis-server backs the Redis store's tests, Node.js and npm the TypeScript ones; Debian's packages,
 # installed when missing (root in CI)
@@ -63,4 +65,4 @@ bench: install-test
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) optserve-data demo-output .pytest_cache .mypy_cache .ruff_cache tests/clients/generated/node_modules
+	rm -rf $(VENV) optserve-data demo-output .pytest_cache .mypy_cache .ruff_cache $(addsuffix /node_modules,$(NODE_PROJECTS)) clients/typescript/dist
