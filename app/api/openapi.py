@@ -126,6 +126,15 @@ CREATE_RESPONSE = _answer(
     "created (or restored)",
     {"Location": {"required": True, "schema": {"type": "string"}, "description": "the new session"}},
 ) | problems(*_V1, *_BODY, 406, 429, 503)
+# What a client can do next with the session it created: OpenAPI links, which tools follow
+CREATE_RESPONSE[201]["links"] = {
+    name: {
+        "operationId": name,
+        "parameters": {"session_id": "$response.body#/id"},
+        "description": f"`{name}` on the new session",
+    }
+    for name in ("getSession", "step", "getParams", "putParams", "getCheckpoint", "getHistory", "deleteSession")
+}
 LIST_RESPONSE = _answer(200, "SessionList", None) | problems(*_V1, 406, 503)
 SESSION_RESPONSE = _answer(200, "Session", None) | problems(*_SESSION, 406)
 DELETE_RESPONSE = problems(*_SESSION)
