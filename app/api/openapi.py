@@ -133,7 +133,15 @@ CREATE_RESPONSE[201]["links"] = {
         "parameters": {"session_id": "$response.body#/id"},
         "description": f"`{name}` on the new session",
     }
-    for name in ("getSession", "step", "getParams", "putParams", "getCheckpoint", "getHistory", "deleteSession")
+    for name in (
+        "getSession",
+        "step",
+        "getParams",
+        "putParams",
+        "getCheckpoint",
+        "getHistory",
+        "deleteSession",
+    )
 }
 LIST_RESPONSE = _answer(200, "SessionList", None) | problems(*_V1, 406, 503)
 SESSION_RESPONSE = _answer(200, "Session", None) | problems(*_SESSION, 406)
