@@ -8,6 +8,7 @@ alone is parsed with its model.
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,14 @@ def _no_default(schema: dict[str, Any]) -> None:
 
 def _optional(**kwargs: Any) -> Any:
     return Field(None, json_schema_extra=_no_default, **kwargs)
+
+
+def _defaults_to(value: Any, description: str = "", **kwargs: Any) -> Any:
+    """An optional member the server fills in. Its default is said in words, not as `default`, which some
+    generators (openapi-typescript) read as "always present" and so make the member required to send."""
+    said = f"{description}; " if description else ""
+    shown = "null" if value is None else json.dumps(value)
+    return Field(value, description=f"{said}default {shown}", json_schema_extra=_no_default, **kwargs)
 
 
 class Strict(BaseModel):
@@ -87,14 +96,14 @@ class ParamGroup(BaseModel):
 class CreateSession(Strict):
     optimizer: OptimizerSpec
     params: dict[Name, Tensor] = Field(min_length=1, max_length=MAX_PARAMETERS)
-    scheduler: SchedulerSpec | None = None
+    scheduler: SchedulerSpec | None = _defaults_to(None, "none: a constant lr")
     param_groups: list[ParamGroup] = _optional(
         min_length=1, max_length=MAX_GROUPS, description="when given, every parameter is in exactly one group"
     )
-    steps_per_epoch: int = Field(1, ge=1, le=2**53)
-    clip_grad_norm: Annotated[float, Field(gt=0)] | None = None
-    clip_grad_value: Annotated[float, Field(gt=0)] | None = None
-    nonfinite: Literal["error", "skip", "allow"] = "error"
+    steps_per_epoch: int = _defaults_to(1, "steps per scheduler epoch", ge=1, le=2**53)
+    clip_grad_norm: Annotated[float, Field(gt=0)] | None = _defaults_to(None, "max L2 norm of all gradients")
+    clip_grad_value: Annotated[float, Field(gt=0)] | None = _defaults_to(None, "max |gradient|")
+    nonfinite: Literal["error", "skip", "allow"] = _defaults_to("error", "a step that would make NaN/Inf")
     metadata: dict[str, str] = _optional(description="yours, returned as given")
 
 
@@ -219,11 +228,11 @@ class Preview(Strict):
     )
     scheduler: SchedulerSpec
     steps: Annotated[int, Field(ge=0, le=1_000_000)] = Field(description="at most 100,000 x groups")
-    steps_per_epoch: Annotated[int, Field(ge=1)] = 1
-    losses: Annotated[list[float], Field(max_length=100_000)] | None = Field(
-        None, description="one loss per step, for reduce_lr_on_plateau"
+    steps_per_epoch: Annotated[int, Field(ge=1)] = _defaults_to(1)
+    losses: Annotated[list[float], Field(max_length=100_000)] | None = _defaults_to(
+        None, "one loss per step, for reduce_lr_on_plateau"
     )
-    optimizer: OptimizerSpec | None = Field(None, description="optimizer spec (default sgd) for cycling")
+    optimizer: OptimizerSpec | None = _defaults_to(None, "the optimizer (sgd when none), for cycling")
 
 
 class PreviewResult(BaseModel):

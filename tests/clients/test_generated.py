@@ -1,6 +1,7 @@
 """Clients generated from the live OpenAPI document by third-party generators, unedited, train y = 2x + 1
 against a real server with an API key, retry a step with its Idempotency-Key and get a 409 for a stale
-step: openapi-python-client (PyPI) and @hey-api/openapi-ts (npm, compiled with tsc, run with node)."""
+step: openapi-python-client (PyPI), @hey-api/openapi-ts and openapi-typescript with openapi-fetch (npm;
+the TypeScript is type-checked by tsc in strict mode, then run with node)."""
 
 from __future__ import annotations
 
