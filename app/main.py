@@ -40,6 +40,7 @@ EXPOSED_HEADERS = [
     "Optserve-Lr",
     "Optserve-Skipped",
     "Optserve-Grad-Norm",
+    "Optserve-Staleness",
 ]
 
 

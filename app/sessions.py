@@ -61,10 +61,20 @@ class NotFound(LookupError):
 class StepConflict(Exception):
     """The request expected another step number than the session's."""
 
-    def __init__(self, expected: int, current: int) -> None:
+    def __init__(self, expected: int, current: int, aggregation: Mapping[str, Any] | None = None) -> None:
         self.expected = expected
         self.current = current
-        super().__init__(f"expected step {expected}, but the session is at step {current}")
+        if aggregation is None:
+            message = f"expected step {expected}, but the session is at step {current}"
+        elif expected > current:
+            message = f"step {expected} is ahead of the session, which is at step {current}"
+        else:
+            message = (
+                f"a gradient from step {expected} is {current - expected} steps behind the session (at step "
+                f"{current}); this session takes at most aggregation.max_staleness="
+                f"{aggregation['max_staleness']}: nothing was applied"
+            )
+        super().__init__(message)
 
 
 class IdempotencyConflict(ValueError):
@@ -361,13 +371,20 @@ class SessionService:
                         raise IdempotencyConflict(
                             f"Idempotency-Key {idempotency_key!r} was first used with a different body"
                         )
-                    replayed = StepOutcome(record.step, record.lr, record.skipped, record.grad_norm or 0.0)
+                    # the same body, so the same `step`: its staleness then was the step count it met
+                    met = record.step - (0 if record.skipped else 1)
+                    late = 0 if expected_step is None else met - expected_step
+                    replayed = StepOutcome(
+                        record.step, record.lr, record.skipped, record.grad_norm or 0.0, late
+                    )
                     return await render(replayed, engine.params, True)
-            if expected_step is not None and expected_step != engine.step_count:
-                raise StepConflict(expected_step, engine.step_count)
+            staleness = engine.staleness(expected_step)
+            if staleness is None:
+                assert expected_step is not None
+                raise StepConflict(expected_step, engine.step_count, engine.options.get("aggregation"))
 
             def work() -> tuple[Engine, StepOutcome]:
-                return engine.advance(engine.prepare(grads, loss))
+                return engine.advance(engine.prepare(grads, loss, staleness))
 
             following, outcome = await self._run(engine, work)
             answer = await render(outcome, following.params, False)

@@ -96,6 +96,7 @@ def render_step(fmt: Format, return_params: bool, offload: Offload) -> Render[Re
             "lr": jsontensor.dumps(outcome.lr).decode(),
             "skipped": "true" if outcome.skipped else "false",
             "grad_norm": "null" if grad_norm is None else repr(grad_norm),
+            "staleness": str(outcome.staleness),
         }
         # the same, in headers: a client reads them whatever the body's format
         headers = {f"Optserve-{k.title().replace('_', '-')}": v for k, v in metadata.items()}
@@ -106,7 +107,13 @@ def render_step(fmt: Format, return_params: bool, offload: Offload) -> Render[Re
             response = await safetensors_response(shown, metadata)
             response.headers.update(headers)
             return response
-        body = {"step": outcome.step, "lr": outcome.lr, "skipped": outcome.skipped, "grad_norm": grad_norm}
+        body = {
+            "step": outcome.step,
+            "lr": outcome.lr,
+            "skipped": outcome.skipped,
+            "grad_norm": grad_norm,
+            "staleness": outcome.staleness,
+        }
         if not return_params:
             return json_response(body, headers=headers)
         return await _json_tensors_response(offload, body, shown, headers)

@@ -167,13 +167,18 @@ _STEP_HEADERS: dict[str, Any] = {
         "schema": {"type": "string"},
         "description": "the gradients' L2 norm before clipping, or `null` when skipped",
     },
+    "Optserve-Staleness": {
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+        "description": "how many steps behind the session the gradient was (0 unless aggregation is async)",
+    },
 }
 STEP_RESPONSE = _answer(
     200,
     "StepResult",
     "the new parameters (none with return_params=false). `__metadata__` holds, as strings: `step` (an "
     "integer), `lr` (a JSON list of numbers, one per group), `skipped` (`true` or `false`), `grad_norm` "
-    "(a number, or `null`); the Optserve-* headers carry the same",
+    "(a number, or `null`), `staleness` (an integer); the Optserve-* headers carry the same",
     "the step's result, in the format `Accept` asks for; without `Accept`, in the request's format",
     headers=_STEP_HEADERS,
 ) | problems(*_SESSION, *_BODY, 406, 409)

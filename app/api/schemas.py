@@ -93,6 +93,16 @@ class ParamGroup(BaseModel):
     params: list[Name] = Field(min_length=1)
 
 
+class Aggregation(Strict):
+    """How the steps of several workers on one session combine. `async`: each step says the step its
+    gradient was computed at (`step`); it is applied when at most `max_staleness` steps behind (else 409),
+    with the lr divided by 1 + staleness for that step alone under `staleness_lr: inverse`."""
+
+    mode: Literal["async"]
+    max_staleness: int = Field(ge=0, le=2**53)
+    staleness_lr: Literal["none", "inverse"] = _defaults_to("none")
+
+
 class CreateSession(Strict):
     optimizer: OptimizerSpec
     params: dict[Name, Tensor] = Field(min_length=1, max_length=MAX_PARAMETERS)
@@ -104,6 +114,7 @@ class CreateSession(Strict):
     clip_grad_norm: Annotated[float, Field(gt=0)] | None = _defaults_to(None, "max L2 norm of all gradients")
     clip_grad_value: Annotated[float, Field(gt=0)] | None = _defaults_to(None, "max |gradient|")
     nonfinite: Literal["error", "skip", "allow"] = _defaults_to("error", "a step that would make NaN/Inf")
+    aggregation: Aggregation | None = _defaults_to(None, "none: every step applies, in arrival order")
     metadata: dict[str, str] = _optional(description="yours, returned as given")
 
 
@@ -141,6 +152,7 @@ class StepResult(BaseModel):
     skipped: bool
     grad_norm: float | None = Field(description="L2 norm of the gradients before clipping; null if skipped")
     params: dict[str, TensorOut] = _optional(description="left out with return_params=false")
+    staleness: Count = Field(description="steps the gradient was behind the session (0 unless async)")
 
 
 class Params(BaseModel):
@@ -180,6 +192,7 @@ class Session(BaseModel):
     clip_grad_norm: float | None
     clip_grad_value: float | None
     nonfinite: Literal["error", "skip", "allow"]
+    aggregation: Aggregation | None
     created_at: float
     updated_at: float
     metadata: dict[str, str]

@@ -45,6 +45,7 @@ class StepOutcome:
     lr: list[float]
     skipped: bool
     grad_norm: float
+    staleness: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class PreparedStep:
     loss: float | None
     grad_norm: float
     skipped: bool
+    staleness: int = 0
 
 
 class Engine:
@@ -125,6 +127,7 @@ class Engine:
             ],
             "params": {n: {"shape": list(p.shape), "dtype": str(p.dtype)} for n, p in self.params.items()},
             **{p.name: self.options[p.name] for p in SESSION_OPTIONS},
+            "aggregation": self.options.get("aggregation"),
         }
 
     # -- stepping ---------------------------------------------------------------------------------
@@ -138,13 +141,32 @@ class Engine:
             if value.shape != want:
                 raise StepError(f"{prefix}.{name}", f"shape {list(value.shape)} does not match {list(want)}")
 
-    def prepare(self, grads: Mapping[str, Array], loss: float | None = None) -> PreparedStep:
+    def staleness(self, computed_at: int | None) -> int | None:
+        """How many steps behind the session a gradient computed at step `computed_at` is, if the session
+        takes it; None if it does not (the caller answers 409 with the current step). Without the
+        `aggregation` option a step must be current (or say nothing); with `{"mode": "async"}` it must say
+        its step, and be at most `max_staleness` behind."""
+        aggregation = self.options.get("aggregation")
+        if aggregation is None:
+            return 0 if computed_at is None or computed_at == self.step_count else None
+        if computed_at is None:
+            raise StepError(
+                "step",
+                "required: this session aggregates asynchronously (aggregation.mode 'async'), so each step "
+                "says the step its gradient was computed at",
+            )
+        behind = self.step_count - computed_at
+        return behind if 0 <= behind <= aggregation["max_staleness"] else None
+
+    def prepare(
+        self, grads: Mapping[str, Array], loss: float | None = None, staleness: int = 0
+    ) -> PreparedStep:
         """Validates and processes gradients (nonfinite policy, clipping) without changing the engine."""
         self.check_tensors(grads, "grads")
         if loss is not None and not math.isfinite(loss):
             # a NaN loss usually comes with the NaN gradients the `skip` policy is there to absorb
             if self.options["nonfinite"] == "skip":
-                return PreparedStep({}, None, math.nan, skipped=True)
+                return PreparedStep({}, None, math.nan, True, staleness)
             raise StepError(
                 "loss", f"must be a finite number, got {loss!r} (session option nonfinite='error')"
             )
@@ -160,7 +182,7 @@ class Engine:
         if not math.isfinite(grad_norm):
             bad = next((n for n, g in cast.items() if not np.isfinite(g).all()), None)
             if bad is not None and self.options["nonfinite"] == "skip":
-                return PreparedStep({}, loss, math.nan, skipped=True)
+                return PreparedStep({}, loss, math.nan, True, staleness)
             if bad is not None:
                 raise StepError(f"grads.{bad}", "contains NaN or Infinity (session option nonfinite='error')")
         if self.scheduler is not None and self.scheduler.needs_metric:
@@ -178,7 +200,7 @@ class Engine:
         if self.options["clip_grad_norm"] is not None:
             norm = grad_norm if self.options["clip_grad_value"] is None else clip.total_norm(values)
             values = clip.clip_by_norm(values, self.options["clip_grad_norm"], norm)
-        return PreparedStep(dict(zip(names, values, strict=True)), loss, grad_norm, skipped=False)
+        return PreparedStep(dict(zip(names, values, strict=True)), loss, grad_norm, False, staleness)
 
     def advance(self, prepared: PreparedStep) -> tuple[Engine, StepOutcome]:
         """The engine after a prepared step, and the step's outcome; this engine is left as it was.
@@ -188,14 +210,20 @@ class Engine:
         or yields a learning rate that is not a finite number >= 0.
         """
         if prepared.skipped:
-            return self, StepOutcome(self.step_count, self.lr, True, prepared.grad_norm)
+            return self._skipped(prepared)
         step = self.step_count + 1
         if step > MAX_STEP:
             raise StepError("step", f"the session is at step {self.step_count}, the most a session may take")
         params, states = dict(self.params), dict(self.states)
         grads = prepared.grads
         nonfinite: list[str] = []
+        aggregation = self.options.get("aggregation")
+        divisor = 1 + prepared.staleness
+        if aggregation is None or aggregation["staleness_lr"] != "inverse" or divisor == 1:
+            divisor = 1
         for names, hp in zip(self.group_params, self.groups, strict=True):
+            if divisor != 1:  # a stale gradient's step only: the groups the scheduler keeps are untouched
+                hp = {**hp, "lr": hp["lr"] / divisor}
             present = [n for n in names if n in grads]
             if present:
                 new_params, new_states, finite = self.optimizer.step_into(
@@ -209,7 +237,7 @@ class Engine:
                 nonfinite.extend(n for n, ok in zip(present, finite, strict=True) if not ok)
         if nonfinite and self.options["nonfinite"] != "allow":
             if self.options["nonfinite"] == "skip":
-                return self, StepOutcome(self.step_count, self.lr, True, prepared.grad_norm)
+                return self._skipped(prepared)
             raise StepError(
                 f"params.{nonfinite[0]}",
                 f"this step would make it NaN or Infinity (lr {self.lr}); nothing was applied "
@@ -224,7 +252,10 @@ class Engine:
         following = Engine(
             self.options, params, states, groups, self.group_params, scheduler, step, losses, sizes=self
         )
-        return following, StepOutcome(step, following.lr, False, prepared.grad_norm)
+        return following, StepOutcome(step, following.lr, False, prepared.grad_norm, prepared.staleness)
+
+    def _skipped(self, prepared: PreparedStep) -> tuple[Engine, StepOutcome]:
+        return self, StepOutcome(self.step_count, self.lr, True, prepared.grad_norm, prepared.staleness)
 
     def step(self, grads: Mapping[str, Array], loss: float | None = None) -> tuple[Engine, StepOutcome]:
         return self.advance(self.prepare(grads, loss))

@@ -91,13 +91,49 @@ def checked(
     return hp
 
 
+# How several workers' steps on one session combine (the `aggregation` session option; absent: every step
+# applies in arrival order). "async": a step says which step its gradient was computed at (`step`); it is
+# applied if at most `max_staleness` steps were taken since, with the lr divided by 1 + staleness for that
+# step alone under "inverse".
+AGGREGATION_ASYNC = (
+    HParam("max_staleness", "int", None, "the most steps a gradient may lag the session", required=True),
+    HParam(
+        "staleness_lr",
+        "str",
+        "none",
+        "'inverse' divides the lr of a step by 1 + its staleness (for that step only)",
+        choices=("none", "inverse"),
+    ),
+)
+AGGREGATION_MODES = ("async",)
+
+
+def aggregation_option(raw: Any, prefix: str = "") -> dict[str, Any] | None:
+    """The `aggregation` option, defaults filled in (None when absent); SpecError naming the field."""
+    field = _under(prefix, "aggregation")
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or raw.get("mode") not in AGGREGATION_MODES:
+        modes = ", ".join(repr(m) for m in AGGREGATION_MODES)
+        raise SpecError.one(field, f"expected an object with `mode` one of {modes}, got {raw!r}"[:300])
+    try:
+        values = parse(AGGREGATION_ASYNC, {k: v for k, v in raw.items() if k != "mode"}, field)
+    except SpecError as exc:
+        raise SpecError([FieldError(e.field, e.message) for e in exc.errors]) from None
+    if values["max_staleness"] < 0:
+        raise SpecError.one(f"{field}.max_staleness", f"must be >= 0, got {values['max_staleness']}")
+    return {"mode": "async", **values}
+
+
 def session_options(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`steps_per_epoch`, clipping and `nonfinite`, typed and range-checked; fields named under `prefix`."""
+    """`steps_per_epoch`, clipping, `nonfinite` and `aggregation`, typed and range-checked; fields named
+    under `prefix`."""
     known = {p.name for p in SESSION_OPTIONS}
     try:
         values = parse(SESSION_OPTIONS, {k: v for k, v in raw.items() if k in known}, "session")
     except SpecError as exc:
         raise SpecError([FieldError(_under(prefix, e.field), e.message) for e in exc.errors]) from None
+    values["aggregation"] = aggregation_option(raw.get("aggregation"), prefix)
     errors = []
     if values["steps_per_epoch"] < 1:
         errors.append(

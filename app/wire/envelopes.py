@@ -28,6 +28,7 @@ CREATE_KEYS = (
     "clip_grad_norm",
     "clip_grad_value",
     "nonfinite",
+    "aggregation",
     "metadata",
 )
 SPEC_KEYS = tuple(k for k in CREATE_KEYS if k != "params")

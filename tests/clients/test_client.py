@@ -9,7 +9,7 @@ import numpy as np
 import optserve
 import pytest
 from anyio.from_thread import start_blocking_portal
-from optserve import ParamInfo
+from optserve import ParamInfo, StepConflict
 
 from app.main import create_app
 from app.settings import Settings
@@ -235,3 +235,22 @@ def test_an_injected_http_client_is_left_open_for_its_owner() -> None:
         assert not http.is_closed
         with pytest.raises(ValueError, match="not both"):
             optserve.Client(BASE_URL, http_client=http, transport=httpx.HTTPTransport())
+
+
+async def test_the_sdk_sends_the_step_a_gradient_comes_from_and_reads_its_staleness(connect: Connect) -> None:
+    client = await connect(wire="safetensors")
+    session = await resolve(
+        client.create_session(
+            {"w": np.zeros((2, 3))},
+            {"name": "sgd", "lr": 1.0},
+            aggregation={"mode": "async", "max_staleness": 1, "staleness_lr": "inverse"},
+        )
+    )
+    assert session.info.aggregation == {"mode": "async", "max_staleness": 1, "staleness_lr": "inverse"}
+    first = await resolve(session.step({"w": np.ones((2, 3))}, expected_step=0))
+    late = await resolve(session.step({"w": np.ones((2, 3))}, expected_step=0))
+    assert (first.staleness, late.staleness) == (0, 1)
+    np.testing.assert_array_equal(late.params["w"], np.full((2, 3), -1.5))  # lr 1, then lr 1 / (1 + 1)
+    with pytest.raises(StepConflict) as too_late:
+        await resolve(session.step({"w": np.ones((2, 3))}, expected_step=0))
+    assert too_late.value.current_step == 2

@@ -115,6 +115,7 @@ def _step_result(response: httpx.Response) -> StepResult:
             skipped=meta["skipped"] == "true",
             grad_norm=None if meta["grad_norm"] == "null" else float(meta["grad_norm"]),
             replayed=replayed,
+            staleness=int(meta.get("staleness", "0")),
         )
     body = loads(response)
     return StepResult(
@@ -124,6 +125,7 @@ def _step_result(response: httpx.Response) -> StepResult:
         skipped=body["skipped"],
         grad_norm=body["grad_norm"],
         replayed=replayed,
+        staleness=body.get("staleness", 0),
     )
 
 

@@ -96,6 +96,7 @@ class Client(BaseClient):
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
         nonfinite: str | None = None,
+        aggregation: Mapping[str, Any] | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> Session:
         """A new session over `params` (name -> float32/float64 array, dtypes kept). Not retried once the
@@ -109,6 +110,7 @@ class Client(BaseClient):
             clip_grad_norm=clip_grad_norm,
             clip_grad_value=clip_grad_value,
             nonfinite=nonfinite,
+            aggregation=aggregation,
             metadata=metadata,
         )
         return Session(self, self._request(call))
@@ -268,6 +270,7 @@ class AsyncClient(BaseClient):
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
         nonfinite: str | None = None,
+        aggregation: Mapping[str, Any] | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> AsyncSession:
         """See `Client.create_session`."""
@@ -280,6 +283,7 @@ class AsyncClient(BaseClient):
             clip_grad_norm=clip_grad_norm,
             clip_grad_value=clip_grad_value,
             nonfinite=nonfinite,
+            aggregation=aggregation,
             metadata=metadata,
         )
         return AsyncSession(self, await self._request(call))

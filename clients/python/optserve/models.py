@@ -44,6 +44,7 @@ class SessionInfo:
     updated_at: float
     metadata: dict[str, str]
     raw: dict[str, Any] = field(repr=False, compare=False)
+    aggregation: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> SessionInfo:
@@ -63,6 +64,7 @@ class SessionInfo:
             updated_at=body["updated_at"],
             metadata=body.get("metadata") or {},
             raw=body,
+            aggregation=body.get("aggregation"),
         )
 
     @property
@@ -94,7 +96,8 @@ class StepResult:
     """The answer to one step. `step` counts the steps applied so far; `lr` (one per parameter group) is what
     the next step will use; `params` is empty when the step was sent with `return_params=False`; `grad_norm`
     is the L2 norm before clipping (None for a skipped step); `replayed` says the server had already applied
-    this step (a retry after a lost answer) and answered it again without applying anything."""
+    this step (a retry after a lost answer) and answered it again without applying anything; `staleness` is
+    how many steps behind the session the gradient was (0 unless the session aggregates asynchronously)."""
 
     step: int
     lr: list[float]
@@ -102,6 +105,7 @@ class StepResult:
     skipped: bool
     grad_norm: float | None
     replayed: bool = False
+    staleness: int = 0
 
 
 @dataclass(frozen=True)

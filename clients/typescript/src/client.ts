@@ -50,6 +50,7 @@ export interface SessionInfo {
   clip_grad_norm: number | null;
   clip_grad_value: number | null;
   nonfinite: "error" | "skip" | "allow";
+  aggregation: { mode: "async"; max_staleness: number; staleness_lr: "none" | "inverse" } | null;
   created_at: number;
   updated_at: number;
   metadata: Record<string, string>;
@@ -76,6 +77,8 @@ export interface StepResult {
   params: Record<string, Tensor>;
   /** The server answered a resend of this step from its first answer; nothing was applied again. */
   replayed: boolean;
+  /** Steps the gradient was behind the session (0 unless the session aggregates asynchronously). */
+  staleness: number;
 }
 
 export interface HistoryRecord {
@@ -96,11 +99,14 @@ export interface CreateOptions {
   clipGradNorm?: number;
   clipGradValue?: number;
   nonfinite?: "error" | "skip" | "allow";
+  /** How several workers' steps combine: `{ mode: "async", max_staleness, staleness_lr }`. */
+  aggregation?: { mode: "async"; max_staleness: number; staleness_lr?: "none" | "inverse" };
   metadata?: Record<string, string>;
 }
 
 export interface StepOptions {
-  /** Must equal the session's step, else StepConflict (409). */
+  /** The step the gradient was computed at: it must equal the session's step (else StepConflict, 409),
+   * or, when the session aggregates asynchronously, be at most `max_staleness` behind it. */
   expectedStep?: number;
   /** Recorded in the history; the metric of reduce_lr_on_plateau. */
   loss?: number;
@@ -182,6 +188,7 @@ export class Client {
       ["clip_grad_norm", options.clipGradNorm],
       ["clip_grad_value", options.clipGradValue],
       ["nonfinite", options.nonfinite],
+      ["aggregation", options.aggregation],
       ["metadata", options.metadata],
     ];
     for (const [key, value] of optional) if (value !== undefined) spec[key] = value;
@@ -388,6 +395,7 @@ export class Session {
       gradNorm: gradNorm === "null" ? null : Number(gradNorm),
       params,
       replayed: response.headers.get("idempotent-replayed") === "true",
+      staleness: Number(response.headers.get("optserve-staleness") ?? "0"),
     };
   }
 
