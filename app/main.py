@@ -41,6 +41,7 @@ EXPOSED_HEADERS = [
     "Optserve-Skipped",
     "Optserve-Grad-Norm",
     "Optserve-Staleness",
+    "Optserve-Workers",
 ]
 
 

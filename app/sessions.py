@@ -27,8 +27,9 @@ import anyio
 import orjson
 
 from app.optim import checkpoint
+from app.optim.aggregate import Contribution, mean_loss, reduce
 from app.optim.base import Array
-from app.optim.engine import Engine, StepOutcome
+from app.optim.engine import Engine, StepError, StepOutcome
 from app.optim.hparams import SpecError
 from app.store.base import (
     CorruptRecord,
@@ -68,12 +69,26 @@ class StepConflict(Exception):
             message = f"expected step {expected}, but the session is at step {current}"
         elif expected > current:
             message = f"step {expected} is ahead of the session, which is at step {current}"
+        elif aggregation["mode"] == "sync":
+            message = (
+                f"round {expected} was applied already; the session is at step {current}, the round open "
+                "now: nothing was applied"
+            )
         else:
             message = (
                 f"a gradient from step {expected} is {current - expected} steps behind the session (at step "
                 f"{current}); this session takes at most aggregation.max_staleness="
                 f"{aggregation['max_staleness']}: nothing was applied"
             )
+        super().__init__(message)
+
+
+class RoundConflict(Exception):
+    """A contribution a synchronous round cannot take (409): its worker sent another body to this round, or
+    the round closed with too few contributions."""
+
+    def __init__(self, message: str, current: int) -> None:
+        self.current = current
         super().__init__(message)
 
 
@@ -99,6 +114,30 @@ class Written:
     engine: Engine
     history: HistoryRow | None = None
     idempotency: IdempotencyRecord | None = None
+
+
+@dataclass
+class Round:
+    """A synchronous round this process holds: the contributions to round `step` (worker -> the part and
+    its request's fingerprint), and the future every contributor awaits."""
+
+    tenant: str
+    step: int
+    done: asyncio.Future[RoundResult]
+    parts: dict[str, tuple[Contribution, str]]
+    timer: asyncio.Task[None] | None = None
+    closing: bool = False
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """A round applied: its one step, the parameters after it, and who contributed with which body (so
+    that a contributor's resend is answered again)."""
+
+    step: int
+    outcome: StepOutcome
+    params: Mapping[str, Array]
+    fingerprints: dict[str, str]
 
 
 def record_of(meta: SessionMeta, engine: Engine) -> SessionRecord:
@@ -143,6 +182,24 @@ async def off_the_loop_if(heavy: bool, fn: Callable[..., T], *args: Any) -> T:
     return await anyio.to_thread.run_sync(fn, *args)
 
 
+def _check_weight(aggregation: Mapping[str, Any], weight: float | None) -> None:
+    if aggregation["reduce"] == "weighted_mean":
+        if weight is None or not weight > 0:
+            raise StepError(
+                "weight", f"required with reduce 'weighted_mean': a positive number, got {weight!r}"
+            )
+    elif weight is not None:
+        raise StepError(
+            "weight", f"only with reduce 'weighted_mean'; this session's is {aggregation['reduce']!r}"
+        )
+
+
+def _retrieve(done: asyncio.Future[Any]) -> None:
+    """Marks a round's failure as seen: every contributor who still waits gets it."""
+    if not done.cancelled():
+        done.exception()
+
+
 def new_session_id() -> str:
     return "s_" + secrets.token_urlsafe(12)
 
@@ -169,6 +226,8 @@ class SessionService:
         self._cache_limit = cache_bytes
         self._cache_bytes = 0
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._rounds: dict[str, Round] = {}
+        self._finished: dict[str, RoundResult] = {}
         self.on_step: Callable[[StepOutcome], None] = lambda _: None
 
     @property
@@ -295,7 +354,17 @@ class SessionService:
         engine = await off_the_loop_if(
             numel >= INLINE_NUMEL or len(params) > 100, Engine.create, options, params, self.max_session_bytes
         )
+        self._check_rounds_fit_the_store(engine)
         return await self._insert(tenant, engine, metadata)
+
+    def _check_rounds_fit_the_store(self, engine: Engine) -> None:
+        aggregation = engine.options.get("aggregation")
+        if aggregation is not None and aggregation["mode"] == "sync" and self.store.shared:
+            raise SpecError.one(
+                "aggregation.mode",
+                "synchronous rounds are held by one server process for now, and this server's store is "
+                "shared by replicas: use 'async', or a memory:// or sqlite:// server",
+            )
 
     async def restore(
         self, tenant: str, tensors: Mapping[str, Array], metadata: Mapping[str, str]
@@ -322,6 +391,7 @@ class SessionService:
                 "checkpoint",
                 f"the session takes {engine.nbytes} bytes, past OPTSERVE_MAX_SESSION_BYTES={limit}",
             )
+        self._check_rounds_fit_the_store(engine)
         user_meta = saved.get("metadata") or {}
         if not isinstance(user_meta, dict) or not all(isinstance(v, str) for v in user_meta.values()):
             raise SpecError.one("checkpoint", "metadata `metadata` must be an object of string -> string")
@@ -449,6 +519,139 @@ class SessionService:
             await self._meta(tenant, session_id)
             await self._guard(self.store.delete(session_id))
             self._forget(session_id)
+            self._finished.pop(session_id, None)
+            pending = self._rounds.pop(session_id, None)
+            if pending is not None and not pending.done.done():
+                if pending.timer is not None:
+                    pending.timer.cancel()
+                pending.done.set_exception(NotFound(session_id))
+
+    # -- synchronous rounds -------------------------------------------------------------------------
+
+    async def contribute(
+        self,
+        tenant: str,
+        session_id: str,
+        worker: str,
+        grads: Mapping[str, Array],
+        render: Render[T],
+        *,
+        round_step: int | None,
+        loss: float | None = None,
+        weight: float | None = None,
+        fingerprint: str = "",
+    ) -> T:
+        """One worker's contribution to the synchronous round `round_step`. It waits until the round is
+        full (or closes at its timeout), then answers with the round's one step, as every contributor is
+        answered. A resend of the same contribution (same body) is answered the same, once or after."""
+        async with self._lock(session_id):
+            _, engine = await self._load(tenant, session_id)
+            aggregation = engine.options.get("aggregation")
+            if aggregation is None or aggregation["mode"] != "sync":
+                raise StepError(
+                    "worker",
+                    "this session does not run synchronous rounds (aggregation.mode 'sync'): leave it out",
+                )
+            if round_step is None:
+                raise StepError(
+                    "step", "required: the round, the step of the parameters the gradient came from"
+                )
+            _check_weight(aggregation, weight)
+            finished = self._finished.get(session_id)
+            if finished is not None and finished.step == round_step and worker in finished.fingerprints:
+                if finished.fingerprints[worker] != fingerprint:
+                    raise RoundConflict(
+                        f"worker {worker!r} contributed to round {round_step} with another body",
+                        engine.step_count,
+                    )
+                return await render(finished.outcome, finished.params, True)
+            if round_step != engine.step_count:
+                raise StepConflict(round_step, engine.step_count, aggregation)
+            engine.check_tensors(grads, "grads")
+            pending = self._rounds.get(session_id)
+            if pending is None or pending.step != engine.step_count:
+                pending = Round(tenant, engine.step_count, asyncio.get_running_loop().create_future(), {})
+                pending.done.add_done_callback(_retrieve)
+                pending.timer = asyncio.create_task(self._close_after(session_id, pending, aggregation))
+                self._rounds[session_id] = pending
+            joined = pending.parts.get(worker)
+            if joined is not None and joined[1] != fingerprint:
+                raise RoundConflict(
+                    f"worker {worker!r} already contributed to round {round_step} with another body",
+                    round_step,
+                )
+            if joined is None:
+                if pending.closing:
+                    raise RoundConflict(f"round {round_step} is closed; it is being applied", round_step)
+                part = Contribution(worker, grads, 1.0 if weight is None else weight, loss)
+                pending.parts[worker] = (part, fingerprint)
+            full = len(pending.parts) == aggregation["workers"]
+        if full:
+            await self._close(session_id, pending, aggregation)
+        result = await asyncio.shield(pending.done)
+        return await render(result.outcome, result.params, joined is not None)
+
+    async def _close_after(self, session_id: str, pending: Round, aggregation: Mapping[str, Any]) -> None:
+        await asyncio.sleep(aggregation["timeout"])
+        await self._close(session_id, pending, aggregation)
+
+    async def _close(self, session_id: str, pending: Round, aggregation: Mapping[str, Any]) -> None:
+        """Applies the round once (or, below min_workers, fails it) and answers every contributor."""
+        if pending.closing:
+            return
+        pending.closing = True
+        if pending.timer is not None and pending.timer is not asyncio.current_task():
+            pending.timer.cancel()
+        parts = [part for part, _ in pending.parts.values()]
+        try:
+            if len(parts) < aggregation["min_workers"]:
+                raise RoundConflict(
+                    f"round {pending.step} closed after {aggregation['timeout']} s with {len(parts)} of "
+                    f"{aggregation['workers']} contributions, fewer than min_workers="
+                    f"{aggregation['min_workers']}: nothing was applied, and its gradients are dropped",
+                    pending.step,
+                )
+            result = await self._apply_round(session_id, pending, parts, aggregation)
+        except Exception as exc:
+            if not pending.done.done():
+                pending.done.set_exception(exc)
+        else:
+            self._finished[session_id] = result
+            if not pending.done.done():
+                pending.done.set_result(result)
+            self.on_step(result.outcome)
+        finally:
+            if self._rounds.get(session_id) is pending:
+                del self._rounds[session_id]
+
+    async def _apply_round(
+        self, session_id: str, pending: Round, parts: list[Contribution], aggregation: Mapping[str, Any]
+    ) -> RoundResult:
+        workers = tuple(sorted(pending.parts))
+        loss = mean_loss(parts)
+        applied: list[tuple[Engine, StepOutcome]] = []
+
+        async def write(meta: SessionMeta, engine: Engine) -> Written:
+            if engine.step_count != pending.step:
+                raise StepConflict(pending.step, engine.step_count, aggregation)
+
+            def work() -> tuple[Engine, StepOutcome]:
+                reduced = reduce(parts, aggregation["reduce"])
+                return engine.advance(engine.prepare(reduced, loss))
+
+            following, outcome = await self._run(engine, work)
+            outcome = replace(outcome, workers=workers)
+            applied.append((following, outcome))
+            grad_norm = None if outcome.skipped else outcome.grad_norm
+            return Written(
+                following,
+                HistoryRow(outcome.step, outcome.lr, loss, grad_norm, outcome.skipped, self.clock()),
+            )
+
+        await self._transact(pending.tenant, session_id, write)
+        following, outcome = applied[-1]
+        fingerprints = {worker: fingerprint for worker, (_, fingerprint) in pending.parts.items()}
+        return RoundResult(pending.step, outcome, following.params, fingerprints)
 
     async def expire(self) -> int:
         """Deletes idle sessions when a TTL is set; the server calls this periodically."""

@@ -134,6 +134,11 @@ def _safetensors(grad: np.ndarray, step: int) -> bytes:
         ({"mode": "async", "max_staleness": -1}, "aggregation.max_staleness"),
         ({"mode": "async", "max_staleness": 1, "staleness_lr": "sqrt"}, "aggregation.staleness_lr"),
         ({"mode": "async", "max_staleness": 1, "extra": 1}, "aggregation.extra"),
+        ({"mode": "sync"}, "aggregation.workers"),
+        ({"mode": "sync", "workers": 0}, "aggregation.workers"),
+        ({"mode": "sync", "workers": 2, "min_workers": 3}, "aggregation.min_workers"),
+        ({"mode": "sync", "workers": 2, "timeout": 0}, "aggregation.timeout"),
+        ({"mode": "sync", "workers": 2, "reduce": "median"}, "aggregation.reduce"),
     ],
 )
 async def test_a_bad_aggregation_is_a_422_naming_the_field(

@@ -98,6 +98,8 @@ def render_step(fmt: Format, return_params: bool, offload: Offload) -> Render[Re
             "grad_norm": "null" if grad_norm is None else repr(grad_norm),
             "staleness": str(outcome.staleness),
         }
+        if outcome.workers:
+            metadata["workers"] = jsontensor.dumps(list(outcome.workers)).decode()
         # the same, in headers: a client reads them whatever the body's format
         headers = {f"Optserve-{k.title().replace('_', '-')}": v for k, v in metadata.items()}
         if replayed:
@@ -114,6 +116,8 @@ def render_step(fmt: Format, return_params: bool, offload: Offload) -> Render[Re
             "grad_norm": grad_norm,
             "staleness": outcome.staleness,
         }
+        if outcome.workers:
+            body["workers"] = list(outcome.workers)
         if not return_params:
             return json_response(body, headers=headers)
         return await _json_tensors_response(offload, body, shown, headers)

@@ -14,7 +14,7 @@ from starlette.routing import Match
 from app.api.offload import WorkerLost
 from app.optim.engine import StepError
 from app.optim.hparams import SpecError
-from app.sessions import IdempotencyConflict, NotFound, StepConflict, UnreadableSession
+from app.sessions import IdempotencyConflict, NotFound, RoundConflict, StepConflict, UnreadableSession
 from app.store.base import QuotaExceeded, StoreError
 from app.wire.errors import WireError
 from app.wire.jsontensor import dumps
@@ -68,6 +68,8 @@ def to_problem(exc: Exception) -> Response:
         return problem(exc.status, titles.get(exc.status, "Invalid body"), detail, **extra)
     if isinstance(exc, NotFound):
         return problem(404, "Session not found", str(exc))
+    if isinstance(exc, RoundConflict):
+        return problem(409, "Round conflict", str(exc), current_step=exc.current)
     if isinstance(exc, StepConflict):
         return problem(409, "Step conflict", str(exc), current_step=exc.current)
     if isinstance(exc, IdempotencyConflict):
@@ -131,6 +133,7 @@ def install(app: FastAPI) -> None:
         WireError,
         NotFound,
         StepConflict,
+        RoundConflict,
         IdempotencyConflict,
         UnreadableSession,
         QuotaExceeded,

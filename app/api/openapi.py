@@ -167,6 +167,10 @@ _STEP_HEADERS: dict[str, Any] = {
         "schema": {"type": "string"},
         "description": "the gradients' L2 norm before clipping, or `null` when skipped",
     },
+    "Optserve-Workers": {
+        "schema": {"type": "string"},
+        "description": "synchronous rounds: the contributors, a JSON list of their ids",
+    },
     "Optserve-Staleness": {
         "required": True,
         "schema": {"type": "integer", "minimum": 0},

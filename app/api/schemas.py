@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 from app.optim.limits import MAX_GROUPS, MAX_NAME_LENGTH, MAX_PARAMETERS
 from app.optim.registry import optimizer_catalogue
 from app.optim.schedulers import scheduler_catalogue
+from app.optim.spec import MAX_ROUND_SECONDS, MAX_WORKERS
 from app.wire.common import MAX_NDIM
 
 
@@ -93,14 +94,32 @@ class ParamGroup(BaseModel):
     params: list[Name] = Field(min_length=1)
 
 
-class Aggregation(Strict):
-    """How the steps of several workers on one session combine. `async`: each step says the step its
-    gradient was computed at (`step`); it is applied when at most `max_staleness` steps behind (else 409),
-    with the lr divided by 1 + staleness for that step alone under `staleness_lr: inverse`."""
+class AsyncAggregation(Strict):
+    """Bounded staleness: each step says the step its gradient was computed at (`step`); it is applied when
+    at most `max_staleness` steps behind (else 409), with the lr divided by 1 + staleness for that step
+    alone under `staleness_lr: inverse`."""
 
     mode: Literal["async"]
     max_staleness: int = Field(ge=0, le=2**53)
     staleness_lr: Literal["none", "inverse"] = _defaults_to("none")
+
+
+class SyncAggregation(Strict):
+    """Synchronous rounds: each step is worker `worker`'s contribution to round `step`; the round applies
+    one step to the reduced gradient once `workers` contributed, or `timeout` seconds after its first
+    contribution if at least `min_workers` did (else every contributor gets 409 and nothing is applied);
+    every contributor is answered with the round's step."""
+
+    mode: Literal["sync"]
+    workers: int = Field(ge=1, le=MAX_WORKERS)
+    reduce: Literal["mean", "sum", "weighted_mean"] = _defaults_to("mean")
+    timeout: float = _defaults_to(
+        60.0, "seconds after the round's first contribution", gt=0, le=MAX_ROUND_SECONDS
+    )
+    min_workers: int = _optional(ge=1, le=MAX_WORKERS, description="at most workers; default: workers")
+
+
+Aggregation = Annotated[AsyncAggregation | SyncAggregation, Field(discriminator="mode")]
 
 
 class CreateSession(Strict):
@@ -124,6 +143,8 @@ class Step(Strict):
     )
     step: Count = _optional(description="must equal the session's current step, else 409")
     loss: float = _optional(description="recorded in the history; reduce_lr_on_plateau's metric")
+    worker: Name = _optional(description="synchronous rounds: this contributor's id (`step` is the round)")
+    weight: float = _optional(gt=0, description="synchronous rounds with reduce weighted_mean: this weight")
 
 
 class PutParams(Strict):
@@ -153,6 +174,7 @@ class StepResult(BaseModel):
     grad_norm: float | None = Field(description="L2 norm of the gradients before clipping; null if skipped")
     params: dict[str, TensorOut] = _optional(description="left out with return_params=false")
     staleness: Count = Field(description="steps the gradient was behind the session (0 unless async)")
+    workers: list[str] = _optional(description="synchronous rounds: the contributors, sorted")
 
 
 class Params(BaseModel):

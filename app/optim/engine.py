@@ -46,6 +46,7 @@ class StepOutcome:
     skipped: bool
     grad_norm: float
     staleness: int = 0
+    workers: tuple[str, ...] = ()  # a synchronous round's contributors, sorted
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,12 @@ class Engine:
         aggregation = self.options.get("aggregation")
         if aggregation is None:
             return 0 if computed_at is None or computed_at == self.step_count else None
+        if aggregation["mode"] == "sync":
+            raise StepError(
+                "worker",
+                "required: this session runs synchronous rounds (aggregation.mode 'sync'), so each step is a "
+                "worker's contribution to the round `step`",
+            )
         if computed_at is None:
             raise StepError(
                 "step",
@@ -219,7 +226,7 @@ class Engine:
         nonfinite: list[str] = []
         aggregation = self.options.get("aggregation")
         divisor = 1 + prepared.staleness
-        if aggregation is None or aggregation["staleness_lr"] != "inverse" or divisor == 1:
+        if aggregation is None or aggregation.get("staleness_lr") != "inverse" or divisor == 1:
             divisor = 1
         for names, hp in zip(self.group_params, self.groups, strict=True):
             if divisor != 1:  # a stale gradient's step only: the groups the scheduler keeps are untouched

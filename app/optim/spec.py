@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from app.optim.aggregate import REDUCTIONS
 from app.optim.base import Array, Optimizer
 from app.optim.hparams import Check, FieldError, HParam, SpecError, parse, to_json
 from app.optim.limits import MAX_GROUPS, MAX_NAME_LENGTH, MAX_PARAMETERS
@@ -92,20 +93,38 @@ def checked(
 
 
 # How several workers' steps on one session combine (the `aggregation` session option; absent: every step
-# applies in arrival order). "async": a step says which step its gradient was computed at (`step`); it is
-# applied if at most `max_staleness` steps were taken since, with the lr divided by 1 + staleness for that
-# step alone under "inverse".
-AGGREGATION_ASYNC = (
-    HParam("max_staleness", "int", None, "the most steps a gradient may lag the session", required=True),
-    HParam(
-        "staleness_lr",
-        "str",
-        "none",
-        "'inverse' divides the lr of a step by 1 + its staleness (for that step only)",
-        choices=("none", "inverse"),
+# applies in arrival order).
+# "async": a step says which step its gradient was computed at (`step`); it is applied if at most
+# `max_staleness` steps were taken since, with the lr divided by 1 + staleness for that step alone under
+# "inverse".
+# "sync": each step is one worker's contribution to the round `step`; the round applies once all `workers`
+# sent theirs, or `timeout` seconds after its first one if at least `min_workers` did (else nothing).
+AGGREGATION_OPTIONS = {
+    "async": (
+        HParam("max_staleness", "int", None, "the most steps a gradient may lag the session", required=True),
+        HParam(
+            "staleness_lr",
+            "str",
+            "none",
+            "'inverse' divides the lr of a step by 1 + its staleness (for that step only)",
+            choices=("none", "inverse"),
+        ),
     ),
-)
-AGGREGATION_MODES = ("async",)
+    "sync": (
+        HParam("workers", "int", None, "contributions that complete a round", required=True),
+        HParam("reduce", "str", "mean", "how contributions combine", choices=REDUCTIONS),
+        HParam("timeout", "float", 60.0, "seconds after a round's first contribution before it closes"),
+        HParam(
+            "min_workers",
+            "int",
+            None,
+            "contributions a round needs at its timeout (default: workers)",
+            nullable=True,
+        ),
+    ),
+}
+MAX_WORKERS = 1_000
+MAX_ROUND_SECONDS = 3_600.0
 
 
 def aggregation_option(raw: Any, prefix: str = "") -> dict[str, Any] | None:
@@ -113,16 +132,35 @@ def aggregation_option(raw: Any, prefix: str = "") -> dict[str, Any] | None:
     field = _under(prefix, "aggregation")
     if raw is None:
         return None
-    if not isinstance(raw, Mapping) or raw.get("mode") not in AGGREGATION_MODES:
-        modes = ", ".join(repr(m) for m in AGGREGATION_MODES)
+    if not isinstance(raw, Mapping) or raw.get("mode") not in AGGREGATION_OPTIONS:
+        modes = ", ".join(repr(m) for m in AGGREGATION_OPTIONS)
         raise SpecError.one(field, f"expected an object with `mode` one of {modes}, got {raw!r}"[:300])
-    try:
-        values = parse(AGGREGATION_ASYNC, {k: v for k, v in raw.items() if k != "mode"}, field)
-    except SpecError as exc:
-        raise SpecError([FieldError(e.field, e.message) for e in exc.errors]) from None
-    if values["max_staleness"] < 0:
-        raise SpecError.one(f"{field}.max_staleness", f"must be >= 0, got {values['max_staleness']}")
-    return {"mode": "async", **values}
+    mode = raw["mode"]
+    values = parse(AGGREGATION_OPTIONS[mode], {k: v for k, v in raw.items() if k != "mode"}, field)
+    errors = []
+    if mode == "async" and values["max_staleness"] < 0:
+        errors.append(FieldError(f"{field}.max_staleness", f"must be >= 0, got {values['max_staleness']}"))
+    if mode == "sync":
+        workers = values["workers"]
+        if not 1 <= workers <= MAX_WORKERS:
+            errors.append(FieldError(f"{field}.workers", f"must be 1 to {MAX_WORKERS}, got {workers}"))
+        if values["min_workers"] is None:
+            values["min_workers"] = workers
+        if not 1 <= values["min_workers"] <= workers:
+            errors.append(
+                FieldError(
+                    f"{field}.min_workers", f"must be 1 to workers ({workers}), got {values['min_workers']}"
+                )
+            )
+        if not 0 < values["timeout"] <= MAX_ROUND_SECONDS:
+            errors.append(
+                FieldError(
+                    f"{field}.timeout", f"must be > 0 and <= {MAX_ROUND_SECONDS}, got {values['timeout']}"
+                )
+            )
+    if errors:
+        raise SpecError(errors)
+    return {"mode": mode, **values}
 
 
 def session_options(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

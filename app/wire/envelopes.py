@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from app.optim.limits import MAX_PARAMETERS
+from app.optim.limits import MAX_NAME_LENGTH, MAX_PARAMETERS
 from app.wire import jsontensor
 from app.wire.common import FLOAT_DTYPES as GRAD_DTYPES
 from app.wire.common import PARAM_DTYPES
@@ -32,7 +32,7 @@ CREATE_KEYS = (
     "metadata",
 )
 SPEC_KEYS = tuple(k for k in CREATE_KEYS if k != "params")
-STEP_KEYS = ("grads", "step", "loss")
+STEP_KEYS = ("grads", "step", "loss", "worker", "weight")
 # A safetensors create carries its parameters as tensors and the rest of the create body, as JSON, in
 # this metadata key (a checkpoint carries `optserve.checkpoint` instead).
 CREATE_KEY = "optserve.create"
@@ -44,6 +44,8 @@ class StepBody:
     grads: dict[str, Array]
     step: int | None
     loss: float | None
+    worker: str | None = None  # a synchronous round's contributor
+    weight: float | None = None  # its weight, for reduce 'weighted_mean'
 
 
 def _object(body: Any, allowed: tuple[str, ...], what: str) -> dict[str, Any]:
@@ -123,9 +125,25 @@ def _meta_float(metadata: Mapping[str, str], key: str) -> float | None:
         raise WireError(f"metadata {key!r} must be a number, got {raw!r}", field=key) from None
 
 
+def _worker(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_NAME_LENGTH:
+        raise WireError(
+            f"expected a worker id of 1 to {MAX_NAME_LENGTH} characters, got {value!r}"[:200], field="worker"
+        )
+    return value
+
+
 def step_of_metadata(grads: dict[str, Array], metadata: Mapping[str, str]) -> StepBody:
-    """A safetensors step: `step` and `loss` travel in `__metadata__`, as strings."""
-    return StepBody(grads, _meta_int(metadata, "step"), _meta_float(metadata, "loss"))
+    """A safetensors step: `step`, `loss`, `worker` and `weight` travel in `__metadata__`, as strings."""
+    return StepBody(
+        grads,
+        _meta_int(metadata, "step"),
+        _meta_float(metadata, "loss"),
+        _worker(metadata.get("worker")),
+        _meta_float(metadata, "weight"),
+    )
 
 
 def _create_options(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -162,7 +180,13 @@ def parse_step(body: Buffer) -> StepBody:
     if "grads" not in data:
         raise WireError("`grads` is required: an object of name -> tensor", field="grads")
     grads = _tensors(data["grads"], "grads", "float64", GRAD_DTYPES)
-    return StepBody(grads, _int(data.get("step"), "step"), _number(data.get("loss"), "loss"))
+    return StepBody(
+        grads,
+        _int(data.get("step"), "step"),
+        _number(data.get("loss"), "loss"),
+        _worker(data.get("worker")),
+        _number(data.get("weight"), "weight"),
+    )
 
 
 def parse_params(body: Buffer) -> dict[str, Array]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -254,3 +255,33 @@ async def test_the_sdk_sends_the_step_a_gradient_comes_from_and_reads_its_stalen
     with pytest.raises(StepConflict) as too_late:
         await resolve(session.step({"w": np.ones((2, 3))}, expected_step=0))
     assert too_late.value.current_step == 2
+
+
+async def test_workers_contribute_to_synchronous_rounds_and_all_get_the_rounds_step() -> None:
+    app = create_app(Settings(store="memory://"))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with optserve.AsyncClient(BASE_URL, transport=transport, wire="safetensors") as client:
+            rounds = {"mode": "sync", "workers": 3, "reduce": "weighted_mean", "timeout": 30}
+            created = await client.create_session({"w": W}, {"name": "sgd", "lr": 0.5}, aggregation=rounds)
+            assert created.info.aggregation == {**rounds, "min_workers": 3}
+            workers = [await client.get_session(created.id) for _ in range(3)]
+            for round_ in range(2):
+                results = await asyncio.gather(
+                    *(
+                        s.step(
+                            {"w": np.full((3, 2), i + 1.0, np.float32)},
+                            expected_step=round_,
+                            worker=f"w{i}",
+                            weight=i + 1,
+                        )
+                        for i, s in enumerate(workers)
+                    )
+                )
+                assert {r.step for r in results} == {round_ + 1}
+                assert {r.workers for r in results} == {("w0", "w1", "w2")}
+                for r in results[1:]:
+                    np.testing.assert_array_equal(r.params["w"], results[0].params["w"])
+            # weighted mean of 1, 2, 3 with weights 1, 2, 3 is 14 / 6; two rounds of lr 0.5
+            expected = W - np.float32(0.5) * np.float32(14 / 6) - np.float32(0.5) * np.float32(14 / 6)
+            np.testing.assert_allclose(results[0].params["w"], expected, rtol=1e-6)

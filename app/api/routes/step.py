@@ -55,15 +55,32 @@ async def step(request: Request) -> Response:
     offload = await get_offload(request)
     parsed = await bodies.read_step(offload, body, fmt)
     service = await get_service(request)
-    response: Response = await service.step(
+    render = bodies.render_step(answer, return_params, offload)
+    fingerprint = xxhash.xxh3_128_hexdigest(body) if key is not None or parsed.worker is not None else ""
+    session_id = request.path_params["session_id"]
+    response: Response
+    if parsed.worker is not None:
+        response = await service.contribute(
+            tenant,
+            session_id,
+            parsed.worker,
+            parsed.grads,
+            render,
+            round_step=parsed.step,
+            loss=parsed.loss,
+            weight=parsed.weight,
+            fingerprint=fingerprint,
+        )
+        return response
+    response = await service.step(
         tenant,
-        request.path_params["session_id"],
+        session_id,
         parsed.grads,
-        bodies.render_step(answer, return_params, offload),
+        render,
         loss=parsed.loss,
         expected_step=parsed.step,
         idempotency_key=key,
-        fingerprint=xxhash.xxh3_128_hexdigest(body) if key is not None else "",
+        fingerprint=fingerprint,
     )
     return response
 

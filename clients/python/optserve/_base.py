@@ -63,7 +63,7 @@ class BaseClient:
             headers["Idempotency-Key"] = call.idempotency_key
         body = call.content
         size = max(body.nbytes if isinstance(body, BufferStream) else len(body or b""), call.size_hint)
-        timeout = self.timeout.for_size(size)
+        timeout = self.timeout.for_size(size, call.wait)
         url = self.base_url + call.path
         if not self._zero_copy:
             content = body.joined() if isinstance(body, BufferStream) else body

@@ -49,7 +49,8 @@ class Call(Generic[T]):
     """One exchange. `resendable`: the request may be sent again after it may have reached the server (reads,
     PUT, DELETE, and steps, whose Idempotency-Key makes a resend harmless); creating a session is not, since a
     resend could create two. `gone_means_done`: a 404 after such a resend means the first try did the work.
-    `size_hint`: bytes expected in the answer, for the timeout. `content` is bytes, or for tensors a
+    `size_hint`: bytes expected in the answer, and `wait` seconds the server may hold it (a synchronous
+    round), for the timeout. `content` is bytes, or for tensors a
     `BufferStream` of views of the arrays."""
 
     method: str
@@ -63,6 +64,7 @@ class Call(Generic[T]):
     resendable: bool = True
     gone_means_done: bool = False
     size_hint: int = 0
+    wait: float = 0.0
 
 
 def _session_path(session_id: str, tail: str = "") -> str:
@@ -116,6 +118,7 @@ def _step_result(response: httpx.Response) -> StepResult:
             grad_norm=None if meta["grad_norm"] == "null" else float(meta["grad_norm"]),
             replayed=replayed,
             staleness=int(meta.get("staleness", "0")),
+            workers=tuple(orjson.loads(meta.get("workers", "[]"))),
         )
     body = loads(response)
     return StepResult(
@@ -126,6 +129,7 @@ def _step_result(response: httpx.Response) -> StepResult:
         grad_norm=body["grad_norm"],
         replayed=replayed,
         staleness=body.get("staleness", 0),
+        workers=tuple(body.get("workers", ())),
     )
 
 
@@ -136,10 +140,19 @@ def step(
     loss: float | None,
     expected_step: int | None,
     return_params: bool,
+    worker: str | None = None,
+    weight: float | None = None,
 ) -> Call[StepResult]:
     """Every step carries a fresh Idempotency-Key, the same on each resend of this one step, so that a step
-    whose answer was lost is answered again by the server rather than applied twice."""
-    scalars = {"step": expected_step, "loss": None if loss is None else float(loss)}
+    whose answer was lost is answered again by the server rather than applied twice. With `worker`, the
+    step is a contribution to the synchronous round `expected_step`, answered when the round is applied."""
+    scalars = {
+        "step": expected_step,
+        "loss": None if loss is None else float(loss),
+        "worker": worker,
+        "weight": None if weight is None else float(weight),
+    }
+    rounds = info.aggregation if worker is not None and info.aggregation else {}
     content, content_type = tensors_body(wire, arrays(grads, GRAD_DTYPES, "gradient"), "grads", scalars)
     return Call(
         "POST",
@@ -151,6 +164,7 @@ def step(
         query=None if return_params else {"return_params": "false"},
         idempotency_key=str(uuid.uuid4()),
         size_hint=info.param_bytes if return_params else 0,
+        wait=float(rounds.get("timeout", 0.0)),
     )
 
 

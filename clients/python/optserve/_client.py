@@ -173,10 +173,18 @@ class Session:
         loss: float | None = None,
         expected_step: int | None = None,
         return_params: bool = True,
+        *,
+        worker: str | None = None,
+        weight: float | None = None,
     ) -> StepResult:
         """Apply one step. A parameter left out of `grads` is left alone, as torch does for `grad is None`.
-        With `expected_step`, the server refuses (`StepConflict`) unless the session is at that step."""
-        call = _calls.step(self.client.wire, self.info, grads, loss, expected_step, return_params)
+        With `expected_step`, the server refuses (`StepConflict`) unless the session is at that step (or,
+        aggregating asynchronously, at most `max_staleness` past it). With `worker`, on a session with
+        synchronous rounds, this is that worker's contribution to round `expected_step` (`weight` for
+        weighted_mean): it returns when the round is applied, with the round's step."""
+        call = _calls.step(
+            self.client.wire, self.info, grads, loss, expected_step, return_params, worker, weight
+        )
         return self.client._request(call)
 
     def params(self) -> dict[str, Array]:
@@ -344,9 +352,14 @@ class AsyncSession:
         loss: float | None = None,
         expected_step: int | None = None,
         return_params: bool = True,
+        *,
+        worker: str | None = None,
+        weight: float | None = None,
     ) -> StepResult:
         """See `Session.step`."""
-        call = _calls.step(self.client.wire, self.info, grads, loss, expected_step, return_params)
+        call = _calls.step(
+            self.client.wire, self.info, grads, loss, expected_step, return_params, worker, weight
+        )
         return await self.client._request(call)
 
     async def params(self) -> dict[str, Array]:

@@ -39,8 +39,9 @@ class Timeout:
     base: float = 60.0
     per_mib: float = 0.5
 
-    def for_size(self, nbytes: int) -> httpx.Timeout:
-        return httpx.Timeout(self.base + self.per_mib * nbytes / MIB, connect=self.connect)
+    def for_size(self, nbytes: int, wait: float = 0.0) -> httpx.Timeout:
+        """`wait`: seconds the server may hold the answer on purpose (a synchronous round filling up)."""
+        return httpx.Timeout(self.base + wait + self.per_mib * nbytes / MIB, connect=self.connect)
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,8 @@ class StepResult:
     the next step will use; `params` is empty when the step was sent with `return_params=False`; `grad_norm`
     is the L2 norm before clipping (None for a skipped step); `replayed` says the server had already applied
     this step (a retry after a lost answer) and answered it again without applying anything; `staleness` is
-    how many steps behind the session the gradient was (0 unless the session aggregates asynchronously)."""
+    how many steps behind the session the gradient was (0 unless the session aggregates asynchronously);
+    `workers` are a synchronous round's contributors (sorted)."""
 
     step: int
     lr: list[float]
@@ -106,6 +107,7 @@ class StepResult:
     grad_norm: float | None
     replayed: bool = False
     staleness: int = 0
+    workers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,10 @@ export interface SessionInfo {
   clip_grad_norm: number | null;
   clip_grad_value: number | null;
   nonfinite: "error" | "skip" | "allow";
-  aggregation: { mode: "async"; max_staleness: number; staleness_lr: "none" | "inverse" } | null;
+  aggregation:
+    | { mode: "async"; max_staleness: number; staleness_lr: "none" | "inverse" }
+    | { mode: "sync"; workers: number; reduce: "mean" | "sum" | "weighted_mean"; timeout: number; min_workers: number }
+    | null;
   created_at: number;
   updated_at: number;
   metadata: Record<string, string>;
@@ -79,6 +82,8 @@ export interface StepResult {
   replayed: boolean;
   /** Steps the gradient was behind the session (0 unless the session aggregates asynchronously). */
   staleness: number;
+  /** A synchronous round's contributors (sorted); empty otherwise. */
+  workers: string[];
 }
 
 export interface HistoryRecord {
@@ -100,7 +105,9 @@ export interface CreateOptions {
   clipGradValue?: number;
   nonfinite?: "error" | "skip" | "allow";
   /** How several workers' steps combine: `{ mode: "async", max_staleness, staleness_lr }`. */
-  aggregation?: { mode: "async"; max_staleness: number; staleness_lr?: "none" | "inverse" };
+  aggregation?:
+    | { mode: "async"; max_staleness: number; staleness_lr?: "none" | "inverse" }
+    | { mode: "sync"; workers: number; reduce?: "mean" | "sum" | "weighted_mean"; timeout?: number; min_workers?: number };
   metadata?: Record<string, string>;
 }
 
@@ -112,6 +119,11 @@ export interface StepOptions {
   loss?: number;
   /** false: the answer leaves the parameters out. */
   returnParams?: boolean;
+  /** Synchronous rounds: this worker's id; the step is its contribution to round `expectedStep`, answered
+   * once the round is applied. */
+  worker?: string;
+  /** Synchronous rounds with reduce weighted_mean: this contribution's weight (e.g. its batch size). */
+  weight?: number;
 }
 
 interface Call {
@@ -126,8 +138,10 @@ interface Call {
   resendable: boolean;
   /** A 404 after a resend means the first try did the work (a delete). */
   goneMeansDone?: boolean;
-  /** Bytes expected in the answer, for the timeout. */
+  /** Bytes expected in the answer, and seconds the server may hold it (a synchronous round), for the
+   * timeout. */
   sizeHint?: number;
+  waitSeconds?: number;
 }
 
 async function newIdempotencyKey(): Promise<string> {
@@ -276,7 +290,7 @@ export class Client {
     if (call.idempotencyKey) headers["Idempotency-Key"] = call.idempotencyKey;
     const query = call.query ? `?${new URLSearchParams(call.query)}` : "";
     const carried = Math.max(call.body?.length ?? 0, call.sizeHint ?? 0);
-    const timeout = Math.ceil(this.timeoutMs + (500 * carried) / (1 << 20));
+    const timeout = Math.ceil(this.timeoutMs + 1000 * (call.waitSeconds ?? 0) + (500 * carried) / (1 << 20));
     for (let attempt = 0; ; attempt++) {
       let response: Response;
       try {
@@ -353,6 +367,8 @@ export class Session {
       const metadata: Record<string, string> = {};
       if (options.expectedStep !== undefined) metadata.step = String(options.expectedStep);
       if (options.loss !== undefined) metadata.loss = String(options.loss);
+      if (options.worker !== undefined) metadata.worker = options.worker;
+      if (options.weight !== undefined) metadata.weight = String(options.weight);
       body = safetensors.encode(tensors, metadata);
     } else {
       const json: Record<string, unknown> = { grads: {} };
@@ -361,6 +377,8 @@ export class Session {
       }
       if (options.expectedStep !== undefined) json.step = options.expectedStep;
       if (options.loss !== undefined) json.loss = options.loss;
+      if (options.worker !== undefined) json.worker = options.worker;
+      if (options.weight !== undefined) json.weight = options.weight;
       body = JSON.stringify(json);
     }
     const type = wire === "safetensors" ? SAFETENSORS : JSON_TYPE;
@@ -379,6 +397,7 @@ export class Session {
       idempotencyKey: await newIdempotencyKey(),
       resendable: true,
       sizeHint: returnParams ? paramBytes : 0,
+      waitSeconds: options.worker !== undefined && this.info.aggregation?.mode === "sync" ? this.info.aggregation.timeout : 0,
     });
     const step = Number(response.headers.get("optserve-step"));
     const lr = JSON.parse(response.headers.get("optserve-lr") ?? "null") as number[] | null;
@@ -396,6 +415,7 @@ export class Session {
       params,
       replayed: response.headers.get("idempotent-replayed") === "true",
       staleness: Number(response.headers.get("optserve-staleness") ?? "0"),
+      workers: JSON.parse(response.headers.get("optserve-workers") ?? "[]") as string[],
     };
   }
 

@@ -230,3 +230,22 @@ test("the README's example runs as written", async () => {
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("workers contribute to a synchronous round and all get its one step", async () => {
+  const client = connect();
+  const created = await client.createSession({
+    params: { w: [0, 0] },
+    optimizer: { name: "sgd", lr: 1 },
+    aggregation: { mode: "sync", workers: 2, timeout: 30 },
+  });
+  const [a, b] = [created, await client.getSession(created.id)];
+  const results = await Promise.all([
+    a.step({ w: [1, 2] }, { expectedStep: 0, worker: "a" }),
+    b.step({ w: [3, 4] }, { expectedStep: 0, worker: "b" }),
+  ]);
+  for (const r of results) {
+    assert.equal(r.step, 1);
+    assert.deepEqual(r.workers, ["a", "b"]);
+    assert.deepEqual(Array.from(r.params.w.data), [-2, -3]);
+  }
+});

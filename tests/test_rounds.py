@@ -1,0 +1,176 @@
+"""Synchronous rounds (`aggregation: {"mode": "sync", ...}`) in one server process: every contributor of
+a round is answered with the round's one step, which is torch's step on the same mean; arrival order does
+not matter; a round closes at its timeout with at least `min_workers` (else 409, nothing applied); late,
+repeated and conflicting contributions are answered as documented."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from app.wire import safetensors
+from tests.api.helpers import ST, params_of
+from tests.conftest import AppClient
+
+SHAPES = {"w": (3, 2), "b": (2,)}
+INIT = {name: np.random.default_rng(5).standard_normal(shape) for name, shape in SHAPES.items()}
+
+
+def sync(workers: int = 4, **more: Any) -> dict[str, Any]:
+    return {"mode": "sync", "workers": workers, "timeout": 30, **more}
+
+
+async def create(client: httpx.AsyncClient, aggregation: dict[str, Any], dtype: str = "float64") -> str:
+    params = {
+        n: {"shape": list(v.shape), "dtype": dtype, "data": v.ravel().tolist()} for n, v in INIT.items()
+    }
+    body = {"optimizer": {"name": "adam", "lr": 0.05}, "params": params, "aggregation": aggregation}
+    created = await client.post("/v1/sessions", json=body)
+    assert created.status_code == 201, created.text
+    sid: str = created.json()["id"]
+    return sid
+
+
+def grads_of(round_: int, worker: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1000 * round_ + worker)
+    return {name: rng.standard_normal(shape) for name, shape in SHAPES.items()}
+
+
+async def contribute(
+    client: httpx.AsyncClient,
+    sid: str,
+    worker: int,
+    round_: int,
+    grads: dict[str, np.ndarray] | None = None,
+    **more: Any,
+) -> httpx.Response:
+    grads = grads_of(round_, worker) if grads is None else grads
+    body = {
+        "grads": {n: g.tolist() for n, g in grads.items()},
+        "step": round_,
+        "worker": f"w{worker}",
+        **more,
+    }
+    return await client.post(f"/v1/sessions/{sid}/step", json=body)
+
+
+async def test_every_contributor_gets_the_rounds_one_step_which_is_torchs_step_on_the_mean(
+    make_client: AppClient,
+) -> None:
+    client: httpx.AsyncClient = await make_client()
+    sid = await create(client, sync(4))
+    tensors = {n: torch.tensor(v.copy(), requires_grad=True) for n, v in INIT.items()}
+    opt = torch.optim.Adam(list(tensors.values()), lr=0.05)
+    rng = np.random.default_rng(0)
+    for round_ in range(3):
+        order = rng.permutation(4)
+        answers = await asyncio.gather(
+            *(contribute(client, sid, int(w), round_, loss=float(w)) for w in order)
+        )
+        assert {a.status_code for a in answers} == {200}
+        bodies = [a.json() for a in answers]
+        assert all(b == bodies[0] for b in bodies)
+        assert (bodies[0]["step"], bodies[0]["workers"]) == (round_ + 1, ["w0", "w1", "w2", "w3"])
+        for name, tensor in tensors.items():
+            total = torch.zeros(SHAPES[name], dtype=torch.float64)
+            for worker in range(4):  # workers sorted by id, summed in float64, divided by their count
+                total += torch.from_numpy(grads_of(round_, worker)[name])
+            tensor.grad = total / 4
+        opt.step()
+        got = params_of(answers[0])
+        for name, tensor in tensors.items():
+            np.testing.assert_allclose(got[name], tensor.detach().numpy(), rtol=1e-10, atol=1e-14)
+    history = (await client.get(f"/v1/sessions/{sid}/history")).json()["steps"]
+    assert [(h["step"], h["loss"]) for h in history] == [(1, 1.5), (2, 1.5), (3, 1.5)]  # one row per round
+
+
+async def test_the_arrival_order_does_not_change_a_bit(make_client: AppClient) -> None:
+    client: httpx.AsyncClient = await make_client()
+    results = set()
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        sid = await create(client, sync(4, reduce="sum"), "float32")
+        order = rng.permutation(4)
+        for w in order:  # one after the other, in this order: the last completes the round
+            task = asyncio.create_task(contribute(client, sid, int(w), 0))
+            await asyncio.sleep(0.005)
+        answer = await task
+        results.add(b"".join(v.tobytes() for v in params_of(answer).values()))
+    assert len(results) == 1
+
+
+async def test_a_round_closes_at_its_timeout_with_min_workers_or_applies_nothing(
+    make_client: AppClient,
+) -> None:
+    client: httpx.AsyncClient = await make_client()
+    sid = await create(client, sync(4, timeout=0.3, min_workers=2))
+    answers = await asyncio.gather(*(contribute(client, sid, w, 0) for w in (2, 0, 1)))
+    assert [a.json()["workers"] for a in answers] == [["w0", "w1", "w2"]] * 3
+    before = (await client.get(f"/v1/sessions/{sid}/checkpoint")).content
+    lonely = await contribute(client, sid, 3, 1)
+    assert lonely.status_code == 409
+    assert lonely.json()["current_step"] == 1
+    assert "min_workers=2" in lonely.json()["detail"]
+    assert (await client.get(f"/v1/sessions/{sid}/checkpoint")).content == before
+    everyone = await create(client, sync(2, timeout=0.3))  # min_workers defaults to workers
+    assert (await contribute(client, everyone, 0, 0)).status_code == 409
+
+
+async def test_late_repeated_and_conflicting_contributions(make_client: AppClient) -> None:
+    client: httpx.AsyncClient = await make_client()
+    sid = await create(client, sync(2))
+    first = await asyncio.gather(contribute(client, sid, 0, 0), contribute(client, sid, 1, 0))
+    again = await contribute(client, sid, 0, 0)  # the same contribution, resent: the same answer
+    assert again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first[0].json()
+    changed = await contribute(client, sid, 0, 0, grads_of(9, 9))
+    assert changed.status_code == 409
+    assert "another body" in changed.json()["detail"]
+    late = await contribute(client, sid, 0, 0, grads_of(8, 8))
+    assert late.status_code == 409
+    pending = asyncio.create_task(contribute(client, sid, 0, 1))
+    await asyncio.sleep(0.05)
+    twice = await contribute(client, sid, 0, 1, grads_of(7, 7))
+    assert twice.status_code == 409
+    assert "already contributed" in twice.json()["detail"]
+    ahead = await contribute(client, sid, 1, 5)
+    assert ahead.status_code == 409
+    plain = await client.post(f"/v1/sessions/{sid}/step", json={"grads": {}, "step": 1})
+    assert plain.status_code == 422
+    assert plain.json()["errors"][0]["field"] == "worker"
+    assert (await client.delete(f"/v1/sessions/{sid}")).status_code == 204
+    assert (await pending).status_code == 404  # its session went while it waited
+
+
+async def test_weights_and_binary_contributions(make_client: AppClient) -> None:
+    client: httpx.AsyncClient = await make_client()
+    sid = await create(client, sync(2, reduce="weighted_mean"))
+    unweighted = await contribute(client, sid, 0, 0)
+    assert unweighted.status_code == 422
+    assert unweighted.json()["errors"][0]["field"] == "weight"
+    body = safetensors.encode_bytes(grads_of(0, 1), {"step": "0", "worker": "w1", "weight": "3"})
+    binary = asyncio.create_task(
+        client.post(f"/v1/sessions/{sid}/step", content=body, headers={"Content-Type": ST, "Accept": ST})
+    )
+    await asyncio.sleep(0.05)
+    text = await contribute(client, sid, 0, 0, weight=1.0)
+    answer = await binary
+    assert answer.status_code == 200
+    assert answer.headers["optserve-step"] == "1"
+    np.testing.assert_array_equal(params_of(answer)["w"], params_of(text)["w"])
+    plain = await create(client, sync(2))
+    assert (await contribute(client, plain, 0, 0, weight=2.0)).status_code == 422
+
+
+async def test_rounds_are_refused_where_replicas_share_the_store(make_client: AppClient) -> None:
+    client: httpx.AsyncClient = await make_client()
+    client.app.state.service.store.shared = True  # type: ignore[attr-defined]  # as the Redis store is
+    body = {"optimizer": {"name": "sgd"}, "params": {"w": [1.0]}, "aggregation": sync(2)}
+    answer = await client.post("/v1/sessions", json=body)
+    assert answer.status_code == 422
+    assert answer.json()["errors"][0]["field"] == "aggregation.mode"
