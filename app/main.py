@@ -93,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cache_bytes=settings.cache_bytes,
         max_session_bytes=settings.max_session_bytes,
         quota=Quota(settings.max_sessions_per_key, settings.max_bytes_per_key),
+        max_round_bytes=settings.max_round_bytes,
     )
     metrics = Metrics()
     offload = Offload(settings.parse_workers)

@@ -92,6 +92,10 @@ class RoundConflict(Exception):
         super().__init__(message)
 
 
+class RoundsFull(Exception):
+    """The contributions this process holds for its rounds would exceed OPTSERVE_MAX_ROUND_BYTES (503)."""
+
+
 class IdempotencyConflict(ValueError):
     """An Idempotency-Key was reused with a different request body."""
 
@@ -194,6 +198,10 @@ def _check_weight(aggregation: Mapping[str, Any], weight: float | None) -> None:
         )
 
 
+def _nbytes(grads: Mapping[str, Array]) -> int:
+    return sum(g.nbytes for g in grads.values())
+
+
 def _retrieve(done: asyncio.Future[Any]) -> None:
     """Marks a round's failure as seen: every contributor who still waits gets it."""
     if not done.cancelled():
@@ -215,6 +223,7 @@ class SessionService:
         cache_bytes: int = 1 << 30,
         max_session_bytes: int | None = None,
         quota: Quota | None = None,
+        max_round_bytes: int = 2 << 30,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -228,6 +237,9 @@ class SessionService:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._rounds: dict[str, Round] = {}
         self._finished: dict[str, RoundResult] = {}
+        # the gradients that waiting contributions hold, against OPTSERVE_MAX_ROUND_BYTES
+        self.max_round_bytes = max_round_bytes
+        self.round_bytes = 0
         self.on_step: Callable[[StepOutcome], None] = lambda _: None
 
     @property
@@ -520,11 +532,13 @@ class SessionService:
             await self._guard(self.store.delete(session_id))
             self._forget(session_id)
             self._finished.pop(session_id, None)
-            pending = self._rounds.pop(session_id, None)
+            pending = self._rounds.get(session_id)
             if pending is not None and not pending.done.done():
                 if pending.timer is not None:
                     pending.timer.cancel()
+                pending.closing = True
                 pending.done.set_exception(NotFound(session_id))
+                self._release(session_id, pending)
 
     # -- synchronous rounds -------------------------------------------------------------------------
 
@@ -583,6 +597,13 @@ class SessionService:
             if joined is None:
                 if pending.closing:
                     raise RoundConflict(f"round {round_step} is closed; it is being applied", round_step)
+                nbytes = _nbytes(grads)
+                if self.round_bytes + nbytes > self.max_round_bytes:
+                    raise RoundsFull(
+                        f"rounds here hold {self.round_bytes} bytes of contributions; this one needs "
+                        f"{nbytes} more, past OPTSERVE_MAX_ROUND_BYTES={self.max_round_bytes}: retry"
+                    )
+                self.round_bytes += nbytes
                 part = Contribution(worker, grads, 1.0 if weight is None else weight, loss)
                 pending.parts[worker] = (part, fingerprint)
             full = len(pending.parts) == aggregation["workers"]
@@ -621,8 +642,14 @@ class SessionService:
                 pending.done.set_result(result)
             self.on_step(result.outcome)
         finally:
-            if self._rounds.get(session_id) is pending:
-                del self._rounds[session_id]
+            self._release(session_id, pending)
+
+    def _release(self, session_id: str, pending: Round) -> None:
+        """The round's contributions no longer count against OPTSERVE_MAX_ROUND_BYTES."""
+        if self._rounds.get(session_id) is pending:
+            del self._rounds[session_id]
+        self.round_bytes -= sum(_nbytes(part.grads) for part, _ in pending.parts.values())
+        pending.parts = {w: (replace(part, grads={}), fp) for w, (part, fp) in pending.parts.items()}
 
     async def _apply_round(
         self, session_id: str, pending: Round, parts: list[Contribution], aggregation: Mapping[str, Any]

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     idle_trim_seconds: float = Field(
         2.0, gt=0, description="idle seconds after which memory freed since is given back to the system"
     )
+    max_round_bytes: int = Field(
+        2 << 30,
+        description="bytes of gradients the waiting contributions to synchronous rounds may hold (503 above)",
+    )
     cors_origins: str | None = Field(
         None,
         description="comma-separated origins whose pages may call the API (`*`: any); unset = none",

@@ -174,3 +174,23 @@ async def test_rounds_are_refused_where_replicas_share_the_store(make_client: Ap
     answer = await client.post("/v1/sessions", json=body)
     assert answer.status_code == 422
     assert answer.json()["errors"][0]["field"] == "aggregation.mode"
+
+
+async def test_waiting_contributions_hold_at_most_max_round_bytes(make_client: AppClient) -> None:
+    client: httpx.AsyncClient = await make_client(max_round_bytes=100)  # one contribution: 64 bytes
+    service = client.app.state.service  # type: ignore[attr-defined]
+    sid = await create(client, sync(2, timeout=0.3, min_workers=1))
+    first = asyncio.create_task(contribute(client, sid, 0, 0))
+    await asyncio.sleep(0.05)
+    assert service.round_bytes == 64
+    refused = await contribute(client, sid, 1, 0)
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert "OPTSERVE_MAX_ROUND_BYTES=100" in refused.json()["detail"]
+    assert (await first).json()["workers"] == ["w0"]  # its round closed at the timeout, alone
+    assert service.round_bytes == 0
+    pending = asyncio.create_task(contribute(client, sid, 1, 1))
+    await asyncio.sleep(0.05)
+    assert (await client.delete(f"/v1/sessions/{sid}")).status_code == 204
+    assert (await pending).status_code == 404
+    assert service.round_bytes == 0

@@ -14,7 +14,14 @@ from starlette.routing import Match
 from app.api.offload import WorkerLost
 from app.optim.engine import StepError
 from app.optim.hparams import SpecError
-from app.sessions import IdempotencyConflict, NotFound, RoundConflict, StepConflict, UnreadableSession
+from app.sessions import (
+    IdempotencyConflict,
+    NotFound,
+    RoundConflict,
+    RoundsFull,
+    StepConflict,
+    UnreadableSession,
+)
 from app.store.base import QuotaExceeded, StoreError
 from app.wire.errors import WireError
 from app.wire.jsontensor import dumps
@@ -68,6 +75,8 @@ def to_problem(exc: Exception) -> Response:
         return problem(exc.status, titles.get(exc.status, "Invalid body"), detail, **extra)
     if isinstance(exc, NotFound):
         return problem(404, "Session not found", str(exc))
+    if isinstance(exc, RoundsFull):
+        return problem(503, "Busy", str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, RoundConflict):
         return problem(409, "Round conflict", str(exc), current_step=exc.current)
     if isinstance(exc, StepConflict):
@@ -134,6 +143,7 @@ def install(app: FastAPI) -> None:
         NotFound,
         StepConflict,
         RoundConflict,
+        RoundsFull,
         IdempotencyConflict,
         UnreadableSession,
         QuotaExceeded,
