@@ -371,11 +371,11 @@ class SessionService:
 
     def _check_rounds_fit_the_store(self, engine: Engine) -> None:
         aggregation = engine.options.get("aggregation")
-        if aggregation is not None and aggregation["mode"] == "sync" and self.store.shared:
+        if aggregation is not None and aggregation["mode"] == "sync" and self.store.replicas:
             raise SpecError.one(
                 "aggregation.mode",
                 "synchronous rounds are held by one server process for now, and this server's store is "
-                "shared by replicas: use 'async', or a memory:// or sqlite:// server",
+                "made for replicas: use 'async', or a memory:// or sqlite:// server",
             )
 
     async def restore(

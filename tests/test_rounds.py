@@ -169,7 +169,7 @@ async def test_weights_and_binary_contributions(make_client: AppClient) -> None:
 
 async def test_rounds_are_refused_where_replicas_share_the_store(make_client: AppClient) -> None:
     client: httpx.AsyncClient = await make_client()
-    client.app.state.service.store.shared = True  # type: ignore[attr-defined]  # as the Redis store is
+    client.app.state.service.store.replicas = True  # type: ignore[attr-defined]  # as the Redis store is
     body = {"optimizer": {"name": "sgd"}, "params": {"w": [1.0]}, "aggregation": sync(2)}
     answer = await client.post("/v1/sessions", json=body)
     assert answer.status_code == 422
@@ -194,3 +194,53 @@ async def test_waiting_contributions_hold_at_most_max_round_bytes(make_client: A
     assert (await client.delete(f"/v1/sessions/{sid}")).status_code == 204
     assert (await pending).status_code == 404
     assert service.round_bytes == 0
+
+
+def test_a_soak_of_8_workers_and_200_rounds_over_http_loses_none_and_applies_none_twice(
+    tmp_path: Any,
+) -> None:
+    """A real server on SQLite; 8 SDK workers step 200 rounds, each resending some of its contributions (as
+    after a lost answer). Every round is applied exactly once, with all 8, and every worker saw each."""
+    import optserve
+
+    from tests.system.server import Server
+
+    rounds, workers = 200, 8
+
+    async def run(url: str) -> list[list[optserve.StepResult]]:
+        async with optserve.AsyncClient(url) as setup:
+            session = await setup.create_session(
+                {k: v.astype(np.float32) for k, v in INIT.items()},
+                {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+                aggregation={"mode": "sync", "workers": workers, "timeout": 30},
+            )
+
+        async def worker(i: int) -> list[optserve.StepResult]:
+            seen = []
+            async with optserve.AsyncClient(url) as client:
+                mine = await client.get_session(session.id)
+                for t in range(rounds):
+                    grads = {k: v.astype(np.float32) for k, v in grads_of(t, i).items()}
+                    result = await mine.step(
+                        grads, expected_step=t, worker=f"w{i}", return_params=t % 50 == 0
+                    )
+                    if (t + i) % 17 == 0:  # the same contribution again: answered again, applied once
+                        again = await mine.step(grads, expected_step=t, worker=f"w{i}", return_params=False)
+                        assert (again.step, again.replayed) == (t + 1, True)
+                    seen.append(result)
+            return seen
+
+        return list(await asyncio.gather(*(worker(i) for i in range(workers))))
+
+    with Server(f"sqlite:///{tmp_path}/soak.db") as server:
+        seen = asyncio.run(run(server.url))
+        sessions = httpx.get(f"{server.url}/v1/sessions").json()["sessions"]
+        (only,) = sessions
+        history = httpx.get(f"{server.url}/v1/sessions/{only['id']}/history", params={"limit": 1000}).json()
+    assert only["step"] == rounds
+    assert [row["step"] for row in history["steps"]] == list(range(1, rounds + 1))
+    expected_workers = tuple(f"w{i}" for i in range(workers))
+    for results in seen:
+        assert [r.step for r in results] == list(range(1, rounds + 1))
+        assert all(r.workers == expected_workers for r in results)
+        assert not any(r.replayed for r in results)

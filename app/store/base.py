@@ -161,6 +161,9 @@ class Store(Protocol):
 
     shared: bool
     """True when other processes may write the same sessions (the service then re-checks versions)."""
+    replicas: bool
+    """True when it is made for replicas: server processes on several machines serving the same sessions
+    (what this process alone holds, such as a synchronous round, they would not see)."""
 
     async def create(self, record: SessionRecord, quota: Quota | None = None) -> None:
         """Stores a new session, atomically with the check that its tenant stays within `quota`

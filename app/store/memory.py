@@ -28,6 +28,7 @@ class _Entry:
 
 class MemoryStore:
     shared = False
+    replicas = False
 
     def __init__(self, history_limit: int = 10_000) -> None:
         self._entries: dict[str, _Entry] = {}

@@ -229,6 +229,7 @@ def _errors(what: str) -> Iterator[None]:
 
 class RedisStore:
     shared = True
+    replicas = True
 
     def __init__(
         self,

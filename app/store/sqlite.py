@@ -75,6 +75,7 @@ def _meta(row: Any) -> SessionMeta:
 
 class SqliteStore:
     shared = True
+    replicas = False
 
     def __init__(self, path: Path, history_limit: int = 10_000) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
