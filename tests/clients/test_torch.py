@@ -261,3 +261,78 @@ def test_optserve_torch_loads_on_first_use_and_not_before() -> None:
         "assert 'torch' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_data_parallel_workers_in_synchronous_rounds_train_as_one_full_batch(server: Any) -> None:
+    """Two RemoteOptimizer workers, each on half of the batch, in rounds of their mean gradient: the same
+    parameters as one torch SGD on the whole batch (shards of equal size: the mean of means)."""
+    import threading
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3), torch.randn(64, 1)
+    template = torch.nn.Linear(3, 1)
+    reference = torch.nn.Linear(3, 1)
+    reference.load_state_dict(template.state_dict())
+    rounds = {"mode": "sync", "workers": 2, "timeout": 30}
+    with optserve.Client(server.url) as setup:
+        session = setup.create_session(
+            {n: p.detach().numpy().copy() for n, p in template.named_parameters()},
+            {"name": "sgd", "lr": 0.1},
+            aggregation=rounds,
+        )
+    models = [torch.nn.Linear(3, 1) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def train(i: int) -> None:
+        try:
+            with optserve.Client(server.url) as client:
+                opt = RemoteOptimizer(
+                    models[i].named_parameters(),
+                    client=client,
+                    session=client.get_session(session.id),
+                    worker=f"w{i}",
+                )
+                shard = slice(32 * i, 32 * (i + 1))
+                for _ in range(10):
+                    opt.zero_grad()
+                    torch.nn.functional.mse_loss(models[i](x[shard]), y[shard]).backward()
+                    opt.step()
+                assert opt.last_result is not None
+                assert opt.last_result.workers == ("w0", "w1")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(10):
+        ref_opt.zero_grad()
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        ref_opt.step()
+    for a, b, ref in zip(models[0].parameters(), models[1].parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_worker_whose_gradient_is_too_late_catches_up(server: Any) -> None:
+    with optserve.Client(server.url) as client:
+        session = client.create_session(
+            {"w": np.zeros(2, np.float32)},
+            {"name": "sgd", "lr": 1.0},
+            aggregation={"mode": "async", "max_staleness": 1, "staleness_lr": "none"},
+        )
+        fast, slow = optserve.Worker(session, "fast"), optserve.Worker(client.get_session(session.id), "slow")
+        for _ in range(2):
+            assert fast.step({"w": np.ones(2, np.float32)}) is not None
+        assert slow.step({"w": np.ones(2, np.float32)}) is None  # computed at step 0, the session is at 2
+        assert (slow.dropped, slow.at_step) == (1, 2)
+        np.testing.assert_array_equal(slow.params["w"], [-2.0, -2.0])
+        late = fast.step({"w": np.ones(2, np.float32)})
+        taken = slow.step({"w": np.ones(2, np.float32)})  # from step 2, the session at 3: 1 behind, taken
+        assert late is not None
+        assert taken is not None
+        assert (taken.step, taken.staleness) == (4, 1)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 from optserve._client import AsyncClient, AsyncSession, Client, Session
 from optserve._policy import RetryPolicy, Timeout
 from optserve._version import __version__
+from optserve._worker import AsyncWorker, Worker
 from optserve.errors import (
     APIError,
     BadRequest,
@@ -29,6 +30,7 @@ __all__ = [
     "APIError",
     "AsyncClient",
     "AsyncSession",
+    "AsyncWorker",
     "BadRequest",
     "Client",
     "FieldError",
@@ -52,6 +54,7 @@ __all__ = [
     "UnexpectedResponse",
     "UnsupportedMediaType",
     "ValidationError",
+    "Worker",
     "__version__",
     "torch",
 ]

@@ -9,6 +9,7 @@ from typing import Any, overload
 
 from optserve._client import Client, Session
 from optserve._wire import Array
+from optserve._worker import Worker
 from optserve.models import SessionInfo, StepResult
 
 try:
@@ -90,6 +91,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
     each group's `lr` for the next step. The schedule runs on the server: a local `torch.optim.lr_scheduler`
     is refused. `state_dict()` carries a checkpoint of the session; `load_state_dict()` restores it into a new
     session, which this optimizer then uses. The optimizer never deletes a session: `opt.session.delete()`.
+
+    `worker="w3"` makes this optimizer one of several data-parallel workers on one session (created with
+    `aggregation`): each step is sent with the step of the parameters it was computed from, as worker `w3`'s
+    contribution in synchronous rounds; a gradient the session refuses as too late is dropped, and the
+    optimizer copies the session's current parameters into the model instead (`opt.worker.dropped` counts).
     """
 
     def __init__(
@@ -105,6 +111,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         clip_grad_value: float | None = None,
         nonfinite: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        worker: str | None = None,
     ) -> None:
         options: dict[str, Any] = {
             "scheduler": scheduler,
@@ -137,6 +144,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         else:
             self._bind(session, copy_params=True)
         self.param_groups = [_server_group(g) for g in self.param_groups]
+        self.worker = None if worker is None else Worker(self._session, worker)
         self._bound = True
 
     # A torch scheduler reads `param_groups` in its constructor, before it changes anything: refusing there
@@ -221,15 +229,28 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 grads[name] = tensor.grad.detach().cpu().numpy()
         # float() of a tensor that requires grad warns; the value is all the server needs
         value = loss.detach() if isinstance(loss, torch.Tensor) else loss
-        result = self._session.step(grads, loss=None if value is None else float(value))
-        with torch.no_grad():
-            for name, tensor in self._named():
-                if name in grads:
-                    tensor.copy_(torch.from_numpy(result.params[name]))
+        reported = None if value is None else float(value)
+        if self.worker is None:
+            result = self._session.step(grads, loss=reported)
+        else:
+            taken = self.worker.step(grads, loss=reported)
+            if taken is None:  # too late: dropped; catch up with the session's parameters
+                assert self.worker.params is not None
+                self._copy(self.worker.params, self.worker.params)
+                self.last_result = None
+                return loss
+            result = taken
+        self._copy(result.params, grads)
         for group, lr in zip(self._groups, result.lr, strict=True):
             dict.__setitem__(group, "lr", lr)
         self.last_result = result
         return loss
+
+    def _copy(self, values: Mapping[str, Any], names: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            for name, tensor in self._named():
+                if name in names:
+                    tensor.copy_(torch.from_numpy(values[name]))
 
     def push_params(self) -> None:
         """Send the tensors' current values to the session (after changing them in place outside `step()`);
