@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import optserve
 
-from bench.common import BENCH_ENV, machine, rss_bytes, table
+from bench.common import BENCH_ENV, cpu_seconds, machine, rss_bytes, table
 from tests.system.server import Server
 
 MiB = 1 << 20
@@ -46,31 +46,40 @@ async def measure(url: str, workers: int, numel: int, repeat: int, pid: int) -> 
                 samples.append(rss_bytes(pid))
                 time.sleep(0.005)
 
-        async def one_round(t: int) -> float:
-            start = time.perf_counter()
+        async def one_round(t: int, answer: bool = True) -> tuple[float, float]:
+            start, cpu = time.perf_counter(), cpu_seconds(pid)
             await asyncio.gather(
                 *(
-                    s.step(g, expected_step=t, worker=f"w{i}")
+                    s.step(g, expected_step=t, worker=f"w{i}", return_params=answer)
                     for i, (s, g) in enumerate(zip(sessions, grads, strict=True))
                 )
             )
-            return time.perf_counter() - start
+            return time.perf_counter() - start, cpu_seconds(pid) - cpu
 
-        async def sequential() -> float:
-            start = time.perf_counter()
+        async def sequential(answer: bool = True) -> tuple[float, float]:
+            start, cpu = time.perf_counter(), cpu_seconds(pid)
             for g in grads:
-                await plain.step(g)
-            return time.perf_counter() - start
+                await plain.step(g, return_params=answer)
+            return time.perf_counter() - start, cpu_seconds(pid) - cpu
 
         await one_round(0)  # warm-ups: connections, kernels, the allocator
         await sequential()
         idle = rss_bytes(pid)
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        round_times, sequential_times = [], []
-        for t in range(1, repeat + 1):  # interleaved, so that both see the same machine load
-            round_times.append(await one_round(t))
-            sequential_times.append(await sequential())
+        timed: dict[str, list[tuple[float, float]]] = {
+            "round": [],
+            "steps": [],
+            "round, no params": [],
+            "steps, no params": [],
+        }
+        t = 1
+        for _ in range(repeat):  # interleaved, so that both see the same machine load
+            timed["round"].append(await one_round(t))
+            timed["steps"].append(await sequential())
+            timed["round, no params"].append(await one_round(t + 1, answer=False))
+            timed["steps, no params"].append(await sequential(answer=False))
+            t += 2
         sampling.set()
         sampler.join()
         await asyncio.sleep(3.0)  # past OPTSERVE_IDLE_TRIM_SECONDS
@@ -78,20 +87,28 @@ async def measure(url: str, workers: int, numel: int, repeat: int, pid: int) -> 
     finally:
         for c in clients:
             await c.close()
-    one_round_s = statistics.median(round_times)
-    steps_s = statistics.median(sequential_times)
-    return {
-        "workers": workers,
-        "params": numel,
-        "round ms": round(one_round_s * 1000, 1),
-        f"{workers} steps ms": round(steps_s * 1000, 1),
-        "one step ms": round(steps_s / workers * 1000, 1),
-        "round / one step": round(one_round_s / (steps_s / workers), 2),
-        f"round / {workers} steps": round(one_round_s / steps_s, 2),
-        "peak RSS over idle MiB": round((max(samples) - idle) / MiB),
+    wall = {k: statistics.median(w for w, _ in v) * 1000 for k, v in timed.items()}
+    cpu = {k: statistics.mean(c for _, c in v) * 1000 for k, v in timed.items()}
+    rows = []
+    for answer in ("", ", no params"):
+        r, s_ = f"round{answer}", f"steps{answer}"
+        rows.append(
+            {
+                "answers": "params" if not answer else "none",
+                "round ms": round(wall[r], 1),
+                f"{workers} steps ms": round(wall[s_], 1),
+                f"round / {workers} steps": round(wall[r] / wall[s_], 2),
+                "round / one step": round(wall[r] / (wall[s_] / workers), 2),
+                "server CPU round ms": round(cpu[r], 1),
+                f"server CPU {workers} steps ms": round(cpu[s_], 1),
+            }
+        )
+    memory = {
         "contributions MiB": round(workers * numel * 4 / MiB),
-        "RSS after, over idle MiB": round((after - idle) / MiB),
+        "peak RSS over idle MiB": round((max(samples) - idle) / MiB),
+        "RSS after the rounds and the idle trim, over idle MiB": round((after - idle) / MiB),
     }
+    return {"rows": rows, "memory": memory, "workers": workers, "params": numel}
 
 
 def main() -> int:
@@ -102,10 +119,14 @@ def main() -> int:
     args = parser.parse_args()
     with Server("memory://", env={**BENCH_ENV, "OPTSERVE_IDLE_TRIM_SECONDS": "1"}) as server:
         assert server.proc is not None
-        row = asyncio.run(measure(server.url, args.workers, args.numel, args.repeat, server.proc.pid))
+        result = asyncio.run(measure(server.url, args.workers, args.numel, args.repeat, server.proc.pid))
     info = machine()
-    print(f"rounds on {info['CPU']}, {info['cores']}\n")
-    print(table([row], list(row)))
+    print(
+        f"{args.workers} workers x {args.numel} float32 parameters, Adam, on {info['CPU']}, {info['cores']}\n"
+    )
+    print(table(result["rows"], list(result["rows"][0])))
+    print()
+    print(table([result["memory"]], list(result["memory"])))
     return 0
 
 
