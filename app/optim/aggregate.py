@@ -45,16 +45,17 @@ def reduce(contributions: Sequence[Contribution], how: str) -> dict[str, Array]:
         total = np.zeros(shape, np.float64)
         weights = 0.0
         for c in senders:
-            grad = np.asarray(c.grads[name], dtype=np.float64)
+            grad = np.asarray(c.grads[name])
             if grad.shape != shape:
                 raise ValueError(
                     f"{name}: worker {c.worker!r} sent shape {list(grad.shape)}, others {list(shape)}"
                 )
             if how == "weighted_mean":
-                total += c.weight * grad
+                total += np.multiply(grad, c.weight, dtype=np.float64)
                 weights += c.weight
             else:
-                total += grad
+                # widened to float64 inside the ufunc's buffer (exactly), never as a whole float64 copy
+                np.add(total, grad, out=total)
         if how == "mean":
             total /= len(senders)
         elif how == "weighted_mean":
