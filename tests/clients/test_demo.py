@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import optserve
 import pytest
 from optserve import demo
@@ -92,3 +95,23 @@ def test_demo_without_the_server_package_asks_for_a_url(
     assert demo.main(["--quick"]) == 2
 
     assert "--url" in capsys.readouterr().err
+
+
+def test_the_fleet_demo_trains_with_workers_in_rounds_and_async(server: Server, tmp_path: Path) -> None:
+    """`optserve demo --workers 2 --quick`: 1 worker, 2 in synchronous rounds, 2 async, each through one
+    session; a table and a plot of loss against wall time and samples seen."""
+    out = tmp_path / "fleet.png"
+    argv = ["demo", "--workers", "2", "--quick", "--url", server.url, "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *argv], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {
+        line.split("  ")[0].strip(): line.split()
+        for line in done.stdout.splitlines()
+        if "worker" in line[:30]
+    }
+    assert set(rows) >= {"1 worker", "2 workers, sync rounds", "2 workers, async"}, done.stdout
+    assert int(rows["2 workers, sync rounds"][4]) == 21  # rounds: each worker's 21 batches of its half
+    assert out.stat().st_size > 10_000
+    assert httpx.get(f"{server.url}/v1/sessions").json()["sessions"] == []  # each run deleted its session

@@ -437,6 +437,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the plot (PNG; {DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true", help="a very short run, for tests and a first look")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--workers",
+        type=_positive,
+        help="instead: the MLP trained by this many worker processes through one session, against 1 worker",
+    )
+    parser.add_argument(
+        "--mode", choices=("sync", "async"), help="with --workers: only synchronous rounds, or only async"
+    )
     return parser.parse_args(argv)
 
 
@@ -464,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("optserve demo: no optserve server is installed here; give one with --url.", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    if args.workers is not None:
+        return fleet_main(args, start)
     tasks: list[Task] = [LinearRegression(args.steps), DigitsMLP(args.epochs or (1 if args.quick else 15))]
     try:
         runs = train_all(args, tasks)
@@ -473,6 +483,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     plot(runs, tasks, args.scheduler, args.out)
     print(report(runs, tasks, args.scheduler, args.out))
+    print(f"Done in {time.perf_counter() - start:.0f} s.")
+    return 0
+
+
+def fleet_main(args: argparse.Namespace, start: float) -> int:
+    """`--workers N`: the fleet demo (optserve.fleet)."""
+    from optserve import fleet
+
+    out = args.out if args.out != DEFAULT_OUT else fleet.DEFAULT_OUT
+    modes = [args.mode] if args.mode else ["sync", "async"]
+    epochs = args.epochs or (1 if args.quick else 8)
+    try:
+        with contextlib.ExitStack() as stack:
+            url = args.url or stack.enter_context(local_server())
+            print(
+                f"optserve demo: the digits MLP, {epochs} epochs, 1 worker and {args.workers} workers "
+                f"({' and '.join(modes)}) through one session each, at {url}",
+                flush=True,
+            )
+            traces = fleet.run(url, args.workers, modes, epochs)
+    except (optserve.OptserveError, ServerStartError) as error:
+        print(f"optserve demo: {error}", file=sys.stderr)
+        return 1
+    fleet.plot(traces, out)
+    print(fleet.table(traces))
+    print(f"Plot of the loss against wall time and against samples seen: {out}")
     print(f"Done in {time.perf_counter() - start:.0f} s.")
     return 0
 
