@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import secrets
 import time
 import weakref
@@ -333,7 +334,7 @@ class SessionService:
         set; then, and only then, the cache moves to the new engine. Another process committing first
         means reload and redo; any exception leaves the session as it was in the cache."""
         async with self._lock(session_id):
-            for _ in range(MAX_COMMIT_ATTEMPTS):
+            for attempt in range(MAX_COMMIT_ATTEMPTS):
                 meta, engine = await self._load(tenant, session_id)
                 written = await write(meta, engine)
                 if not isinstance(written, Written):
@@ -351,6 +352,9 @@ class SessionService:
                     self._remember(new_meta, written.engine)  # the one line after which the session moved
                     return SessionInfo(new_meta, written.engine.step_count, written.engine.lr, {})
                 self._forget(session_id)
+                # another replica committed first: back off a random while (0.5 ms doubling to 32 ms), so
+                # that replicas racing for one session do not keep colliding in step
+                await asyncio.sleep(random.uniform(0.5, 1.0) * min(0.032, 0.0005 * 2**attempt))
             raise StoreError(f"session {session_id!r}: too much contention, nothing was written")
 
     # -- use cases --------------------------------------------------------------------------------
