@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 
-from app.api.offload import WorkerLost
+from app.api.offload import WorkerLost, WorkersBusy
 from app.optim.engine import StepError
 from app.optim.hparams import SpecError
 from app.sessions import (
@@ -91,6 +91,8 @@ def to_problem(exc: Exception) -> Response:
         return problem(503, "Store unavailable", str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, WorkerLost):
         return problem(503, "Worker lost", str(exc), headers={"Retry-After": "1"})
+    if isinstance(exc, WorkersBusy):
+        return problem(503, "Busy", str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, ApiError):
         return problem(exc.status, exc.title, exc.detail, headers=exc.headers)
     log.exception("unhandled error", exc_info=exc)
@@ -149,6 +151,7 @@ def install(app: FastAPI) -> None:
         QuotaExceeded,
         StoreError,
         WorkerLost,
+        WorkersBusy,
         ApiError,
     ):
         app.add_exception_handler(cls, domain)

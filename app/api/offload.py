@@ -171,6 +171,10 @@ class WorkerLost(RuntimeError):
     """A worker process stopped in the middle of a call (killed, or out of memory): 503, retry."""
 
 
+class WorkersBusy(RuntimeError):
+    """As many calls as allowed already wait for the worker processes: 503, retry."""
+
+
 class _Worker:
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
@@ -202,12 +206,16 @@ class _Worker:
 
 class Offload:
     """Up to `workers` worker processes, started when first needed; `run` calls a function in one when
-    the work is heavy, and right here when it is not."""
+    the work is heavy, and right here when it is not. At most `QUEUE_PER_WORKER` calls per worker may wait
+    for one (each holds its request's body meanwhile); past that, `WorkersBusy` (503, retry)."""
+
+    QUEUE_PER_WORKER = 4
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._idle: list[_Worker] = []
         self._slots: asyncio.Semaphore | None = None
+        self.waiting = 0
 
     async def run(self, fn: Callable[..., T], *args: Any, heavy: bool) -> T:
         if not heavy:
@@ -215,19 +223,20 @@ class Offload:
         name = _task_name(fn)
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.workers)
-        async with self._slots:
-            worker = self._idle.pop() if self._idle else await anyio.to_thread.run_sync(_Worker)
-            healthy = False
-            try:
-                kind, answer = await anyio.to_thread.run_sync(worker.call, name, args)
-                healthy = True
-            except (OSError, EOFError) as exc:
-                raise WorkerLost(f"the worker process parsing this request stopped ({exc}); retry") from None
-            finally:
-                if healthy:
-                    self._idle.append(worker)
-                else:
-                    await anyio.to_thread.run_sync(worker.stop)
+        if self.waiting >= self.QUEUE_PER_WORKER * self.workers:
+            raise WorkersBusy(
+                f"{self.waiting} large requests already wait for the {self.workers} parse worker(s) "
+                "(OPTSERVE_PARSE_WORKERS): retry, or send safetensors"
+            )
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            kind, answer = await self._exchange(name, args)
+        finally:
+            self._slots.release()
         if kind == _OK:
             result: T = answer
             return result
@@ -237,6 +246,21 @@ class Offload:
         if what == "memory":
             raise WireError("the body ran out of memory while it was parsed; send safetensors", status=413)
         raise RuntimeError(f"{name} failed in a worker process: {detail}")
+
+    async def _exchange(self, name: str, args: tuple[Any, ...]) -> tuple[int, Any]:
+        worker = self._idle.pop() if self._idle else await anyio.to_thread.run_sync(_Worker)
+        healthy = False
+        try:
+            exchanged: tuple[int, Any] = await anyio.to_thread.run_sync(worker.call, name, args)
+            healthy = True
+            return exchanged
+        except (OSError, EOFError) as exc:
+            raise WorkerLost(f"the worker process parsing this request stopped ({exc}); retry") from None
+        finally:
+            if healthy:
+                self._idle.append(worker)
+            else:
+                await anyio.to_thread.run_sync(worker.stop)
 
     async def parse(self, fn: Callable[..., T], body: Any, *args: Any) -> T:
         """`fn(body, *args)`, in a worker when the body is too large to parse here in a few ms."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from app.api import bodies
-from app.api.offload import INLINE_BYTES, Offload, WorkerLost
+from app.api.offload import INLINE_BYTES, Offload, WorkerLost, WorkersBusy
 from app.wire import envelopes, jsontensor, safetensors
 from app.wire.errors import WireError
 from tests.api.helpers import ST, params_of, step
@@ -184,3 +184,19 @@ async def test_large_json_answers_are_rendered_off_the_loop_and_read_the_same(ma
     answer = await client.get(f"/v1/sessions/{sid}/params")
     np.testing.assert_array_equal(np.asarray(answer.json()["params"]["w"]["data"], np.float32), expected)
     assert client.app.state.offload._idle  # type: ignore[attr-defined]  # a worker did the work
+
+
+async def test_at_most_four_calls_per_worker_wait_and_the_next_is_told_to_retry(offload: Offload) -> None:
+    body = b'{"grads": {"w": [' + b"0," * (4 << 20) + b"0]}}"  # ~0.2 s each in the worker
+    await offload.parse(envelopes.parse_step, step_body(50_000))  # the worker is started
+    first = asyncio.create_task(offload.parse(envelopes.parse_step, body))  # in the worker
+    await asyncio.sleep(0.02)
+    queued = [asyncio.create_task(offload.parse(envelopes.parse_step, body)) for _ in range(4)]
+    await asyncio.sleep(0.02)
+    assert offload.waiting == 4
+    with pytest.raises(WorkersBusy):
+        await offload.parse(envelopes.parse_step, body)
+    results = await asyncio.gather(first, *queued)
+    assert all(r.grads["w"].shape == ((4 << 20) + 1,) for r in results)
+    assert offload.waiting == 0
+    await offload.parse(envelopes.parse_step, body)  # room again
