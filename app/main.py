@@ -46,7 +46,8 @@ EXPOSED_HEADERS = [
 
 
 def open_store(settings: Settings) -> Store:
-    """The store `settings.store` names: memory://, sqlite:///path, redis://host:port/db."""
+    """The store `settings.store` names: memory://, sqlite:///path, redis://host:port/db,
+    redis+cluster://host:port."""
     url = settings.store
     scheme = url.split(":", 1)[0]
     if scheme == "memory":
@@ -57,12 +58,15 @@ def open_store(settings: Settings) -> Store:
         from app.store.sqlite import SqliteStore
 
         return SqliteStore.from_url(url, settings.history_limit)
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
         from app.store.redis import RedisStore
 
         # idle sessions expire through Redis TTLs on their keys, (re)set by every write
         return RedisStore.from_url(url, settings.history_limit, ttl=settings.session_ttl)
-    raise ValueError(f"unsupported store URL {url!r}; use memory://, sqlite:///path or redis://host:port/db")
+    raise ValueError(
+        f"unsupported store URL {url!r}; use memory://, sqlite:///path, redis://host:port/db or "
+        "redis+cluster://host:port"
+    )
 
 
 async def _return_memory_when_idle(metrics: Metrics, idle_seconds: float) -> None:

@@ -22,7 +22,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import orjson
@@ -37,6 +37,8 @@ from app.store.base import (
     HistoryRow,
     IdempotencyRecord,
     Quota,
+    RoundOutcome,
+    RoundStore,
     SessionMeta,
     SessionRecord,
     Store,
@@ -119,6 +121,8 @@ class Written:
     engine: Engine
     history: HistoryRow | None = None
     idempotency: IdempotencyRecord | None = None
+    round: RoundOutcome | None = None
+    """A synchronous round's step on a store of replicas: its outcome commits with it."""
 
 
 @dataclass
@@ -199,6 +203,15 @@ def _check_weight(aggregation: Mapping[str, Any], weight: float | None) -> None:
         )
 
 
+def too_few(step: int, count: int, aggregation: Mapping[str, Any]) -> str:
+    """Why a round that closed at its timeout below min_workers applied nothing."""
+    return (
+        f"round {step} closed after {aggregation['timeout']} s with {count} of {aggregation['workers']} "
+        f"contributions, fewer than min_workers={aggregation['min_workers']}: nothing was applied, and its "
+        "gradients are dropped"
+    )
+
+
 def _nbytes(grads: Mapping[str, Array]) -> int:
     return sum(g.nbytes for g in grads.values())
 
@@ -211,6 +224,10 @@ def _retrieve(done: asyncio.Future[Any]) -> None:
 
 def new_session_id() -> str:
     return "s_" + secrets.token_urlsafe(12)
+
+
+if TYPE_CHECKING:
+    from app.rounds import SharedRounds
 
 
 class SessionService:
@@ -242,6 +259,12 @@ class SessionService:
         self.max_round_bytes = max_round_bytes
         self.round_bytes = 0
         self.on_step: Callable[[StepOutcome], None] = lambda _: None
+        # rounds in the store when it is made for replicas (Redis), else in this process
+        self._shared_rounds: SharedRounds | None = None
+        if isinstance(store, RoundStore):
+            from app.rounds import SharedRounds
+
+            self._shared_rounds = SharedRounds(self, store)
 
     @property
     def cached_sessions(self) -> int:
@@ -342,9 +365,13 @@ class SessionService:
                 new_meta = meta.written(self.clock())
                 record = record_of(new_meta, written.engine)
                 try:
-                    committed = await self._guard(
-                        self.store.commit(record, meta.version, written.history, written.idempotency)
-                    )
+                    if written.round is None:
+                        commit = self.store.commit(record, meta.version, written.history, written.idempotency)
+                    else:
+                        assert isinstance(self.store, RoundStore)
+                        assert written.history is not None
+                        commit = self.store.commit_round(record, meta.version, written.history, written.round)
+                    committed = await self._guard(commit)
                 except BaseException:
                     self._forget(session_id)  # the store may hold either state now: reload from it
                     raise
@@ -375,11 +402,16 @@ class SessionService:
 
     def _check_rounds_fit_the_store(self, engine: Engine) -> None:
         aggregation = engine.options.get("aggregation")
-        if aggregation is not None and aggregation["mode"] == "sync" and self.store.replicas:
+        if (
+            aggregation is not None
+            and aggregation["mode"] == "sync"
+            and self.store.replicas
+            and self._shared_rounds is None
+        ):
             raise SpecError.one(
                 "aggregation.mode",
-                "synchronous rounds are held by one server process for now, and this server's store is "
-                "made for replicas: use 'async', or a memory:// or sqlite:// server",
+                "this server's store is made for replicas but cannot hold synchronous rounds: use "
+                "'async', or a redis://, memory:// or sqlite:// server",
             )
 
     async def restore(
@@ -575,46 +607,85 @@ class SessionService:
                     "step", "required: the round, the step of the parameters the gradient came from"
                 )
             _check_weight(aggregation, weight)
-            finished = self._finished.get(session_id)
-            if finished is not None and finished.step == round_step and worker in finished.fingerprints:
-                if finished.fingerprints[worker] != fingerprint:
-                    raise RoundConflict(
-                        f"worker {worker!r} contributed to round {round_step} with another body",
-                        engine.step_count,
-                    )
-                return await render(finished.outcome, finished.params, True)
-            if round_step != engine.step_count:
-                raise StepConflict(round_step, engine.step_count, aggregation)
-            engine.check_tensors(grads, "grads")
-            pending = self._rounds.get(session_id)
-            if pending is None or pending.step != engine.step_count:
-                pending = Round(tenant, engine.step_count, asyncio.get_running_loop().create_future(), {})
-                pending.done.add_done_callback(_retrieve)
-                pending.timer = asyncio.create_task(self._close_after(session_id, pending, aggregation))
-                self._rounds[session_id] = pending
-            joined = pending.parts.get(worker)
-            if joined is not None and joined[1] != fingerprint:
-                raise RoundConflict(
-                    f"worker {worker!r} already contributed to round {round_step} with another body",
+            shared = self._shared_rounds
+            if shared is None:
+                finished = self._finished.get(session_id)
+                if finished is not None and finished.step == round_step and worker in finished.fingerprints:
+                    if finished.fingerprints[worker] != fingerprint:
+                        raise RoundConflict(
+                            f"worker {worker!r} contributed to round {round_step} with another request",
+                            engine.step_count,
+                        )
+                    return await render(finished.outcome, finished.params, True)
+                pending, resent = self._join_here(
+                    tenant,
+                    session_id,
+                    engine,
+                    aggregation,
+                    Contribution(worker, grads, weight or 1.0, loss),
                     round_step,
+                    fingerprint,
                 )
-            if joined is None:
-                if pending.closing:
-                    raise RoundConflict(f"round {round_step} is closed; it is being applied", round_step)
-                nbytes = _nbytes(grads)
-                if self.round_bytes + nbytes > self.max_round_bytes:
-                    raise RoundsFull(
-                        f"rounds here hold {self.round_bytes} bytes of contributions; this one needs "
-                        f"{nbytes} more, past OPTSERVE_MAX_ROUND_BYTES={self.max_round_bytes}: retry"
-                    )
-                self.round_bytes += nbytes
-                part = Contribution(worker, grads, 1.0 if weight is None else weight, loss)
-                pending.parts[worker] = (part, fingerprint)
-            full = len(pending.parts) == aggregation["workers"]
-        if full:
+        if shared is not None:
+            return await shared.contribute(
+                tenant,
+                session_id,
+                engine,
+                aggregation,
+                worker,
+                grads,
+                render,
+                round_step=round_step,
+                loss=loss,
+                weight=weight,
+                fingerprint=fingerprint,
+            )
+        if len(pending.parts) == aggregation["workers"]:
             await self._close(session_id, pending, aggregation)
         result = await asyncio.shield(pending.done)
-        return await render(result.outcome, result.params, joined is not None)
+        return await render(result.outcome, result.params, resent)
+
+    def _join_here(
+        self,
+        tenant: str,
+        session_id: str,
+        engine: Engine,
+        aggregation: Mapping[str, Any],
+        part: Contribution,
+        round_step: int,
+        fingerprint: str,
+    ) -> tuple[Round, bool]:
+        """Adds the contribution to the round this process holds (memory://, sqlite://), under the session's
+        lock: the round, and whether this was a resend of the worker's same request."""
+        worker = part.worker
+        if round_step != engine.step_count:
+            raise StepConflict(round_step, engine.step_count, aggregation)
+        engine.check_tensors(part.grads, "grads")
+        pending = self._rounds.get(session_id)
+        if pending is None or pending.step != engine.step_count:
+            pending = Round(tenant, engine.step_count, asyncio.get_running_loop().create_future(), {})
+            pending.done.add_done_callback(_retrieve)
+            pending.timer = asyncio.create_task(self._close_after(session_id, pending, aggregation))
+            self._rounds[session_id] = pending
+        joined = pending.parts.get(worker)
+        if joined is not None:
+            if joined[1] != fingerprint:
+                raise RoundConflict(
+                    f"worker {worker!r} already contributed to round {round_step} with another request",
+                    round_step,
+                )
+            return pending, True
+        if pending.closing:
+            raise RoundConflict(f"round {round_step} is closed; it is being applied", round_step)
+        nbytes = _nbytes(part.grads)
+        if self.round_bytes + nbytes > self.max_round_bytes:
+            raise RoundsFull(
+                f"rounds here hold {self.round_bytes} bytes of contributions; this one needs "
+                f"{nbytes} more, past OPTSERVE_MAX_ROUND_BYTES={self.max_round_bytes}: retry"
+            )
+        self.round_bytes += nbytes
+        pending.parts[worker] = (part, fingerprint)
+        return pending, False
 
     async def _close_after(self, session_id: str, pending: Round, aggregation: Mapping[str, Any]) -> None:
         await asyncio.sleep(aggregation["timeout"])
@@ -630,12 +701,7 @@ class SessionService:
         parts = [part for part, _ in pending.parts.values()]
         try:
             if len(parts) < aggregation["min_workers"]:
-                raise RoundConflict(
-                    f"round {pending.step} closed after {aggregation['timeout']} s with {len(parts)} of "
-                    f"{aggregation['workers']} contributions, fewer than min_workers="
-                    f"{aggregation['min_workers']}: nothing was applied, and its gradients are dropped",
-                    pending.step,
-                )
+                raise RoundConflict(too_few(pending.step, len(parts), aggregation), pending.step)
             result = await self._apply_round(session_id, pending, parts, aggregation)
         except Exception as exc:
             if not pending.done.done():

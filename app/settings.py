@@ -15,7 +15,10 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    store: str = Field(DEFAULT_STORE, description="sqlite:///path, memory://, or redis://host:port/db")
+    store: str = Field(
+        DEFAULT_STORE,
+        description="sqlite:///path, memory://, redis://host:port/db or redis+cluster://host:port",
+    )
     api_keys: str | None = Field(None, description="comma-separated bearer keys; unset = open mode")
     api_keys_file: Path | None = Field(None, description="file with one key per line")
     max_body_bytes: int = Field(1 << 30, description="largest request body accepted (413 above)")

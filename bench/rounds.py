@@ -7,22 +7,30 @@ concurrently, and one optimizer step is applied. Memory: the server's resident s
 during the rounds; its peak over the idle server is the contributions (W x N x 4 bytes) plus the float64
 reduction and the answers; after the rounds (and the idle trim) it goes back.
 
-Run: `python -m bench.rounds [--workers 8] [--numel 1000000] [--repeat 5]`.
+`--store redis` runs the same on a real redis-server (AOF, `appendfsync always`), where the round lives in
+Redis: each contribution is written to Redis (fsynced) and read back by the replica that applies the
+round, and the server's memory holds only the requests in flight.
+
+Run: `python -m bench.rounds [--workers 8] [--numel 1000000] [--repeat 5] [--store memory|redis]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optserve
 
 from bench.common import BENCH_ENV, cpu_seconds, machine, rss_bytes, table
+from tests.system.redis_server import RedisServer
 from tests.system.server import Server
 
 MiB = 1 << 20
@@ -116,13 +124,20 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--numel", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--store", choices=["memory", "redis"], default="memory")
     args = parser.parse_args()
-    with Server("memory://", env={**BENCH_ENV, "OPTSERVE_IDLE_TRIM_SECONDS": "1"}) as server:
+    with contextlib.ExitStack() as stack:
+        store = "memory://"
+        if args.store == "redis":
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            store = stack.enter_context(RedisServer(directory)).url()
+        server = stack.enter_context(Server(store, env={**BENCH_ENV, "OPTSERVE_IDLE_TRIM_SECONDS": "1"}))
         assert server.proc is not None
         result = asyncio.run(measure(server.url, args.workers, args.numel, args.repeat, server.proc.pid))
     info = machine()
     print(
-        f"{args.workers} workers x {args.numel} float32 parameters, Adam, on {info['CPU']}, {info['cores']}\n"
+        f"{args.workers} workers x {args.numel} float32 parameters, Adam, {store.split(':')[0]} store, "
+        f"on {info['CPU']}, {info['cores']}\n"
     )
     print(table(result["rows"], list(result["rows"][0])))
     print()

@@ -19,7 +19,6 @@ from app.sessions import SessionService
 from app.store.base import SessionRecord
 from tests.api.helpers import ST, create, params_of, step
 from tests.conftest import AppClient
-from tests.store.conftest import redis_server  # noqa: F401 - the fixture, for the redis:// case
 from tests.system.redis_server import RedisServer
 
 SPEC = {

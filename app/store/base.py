@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -154,6 +154,130 @@ def decode(session_id: str, engine_json: str | bytes, blob: bytes) -> tuple[dict
     if not isinstance(engine, dict):
         raise CorruptRecord(session_id, "the engine description is not a JSON object")
     return engine, {name: np.asarray(value) for name, value in tensors.items()}
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """How a synchronous round ended, as a store shared by replicas keeps it for every contributor: applied
+    (the step it made: `next_step`, lr, skipped, grad_norm, who contributed with which request) or not
+    (`message`, and the session stayed at `step`)."""
+
+    round_id: str
+    step: int
+    applied: bool
+    message: str = ""
+    next_step: int = 0
+    lr: list[float] = field(default_factory=list)
+    skipped: bool = False
+    grad_norm: float = 0.0
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    error_field: str = ""
+    """With `message`, when the round's step was refused (a 422 naming this input): every contributor
+    gets that refusal."""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            [
+                self.round_id,
+                self.step,
+                self.applied,
+                self.message,
+                self.next_step,
+                self.lr,
+                self.skipped,
+                self.grad_norm,
+                self.fingerprints,
+                self.error_field,
+            ]
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> RoundOutcome:
+        return cls(*json.loads(raw))
+
+    @property
+    def workers(self) -> tuple[str, ...]:
+        return tuple(sorted(self.fingerprints))
+
+
+@dataclass(frozen=True)
+class RoundPart:
+    """One worker's contribution as a shared store keeps it: its request's fingerprint, weight, loss and
+    gradients (`blob`, opaque bytes to the store)."""
+
+    worker: str
+    fingerprint: str
+    weight: float
+    loss: float | None
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class Joined:
+    """What joining a round found. `kind`: "joined" (added), "resent" (this worker's same request is in
+    already), "done" (the round `step` was applied: `outcome`), "stale" (the session is at `current`,
+    another step), "other" (the worker is in with another request), "closed" (the round is being
+    applied), "full" (past the round's byte budget), "gone" (no session)."""
+
+    kind: str
+    round_id: str = ""
+    current: int = 0
+    outcome: RoundOutcome | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Whether this caller now closes the round. `kind`: "claimed" (it does: `count` contributions),
+    "wait" (open: its deadline is `wait_ms` away), "busy" (another caller closes it; its lease ends in
+    `wait_ms`), "gone" (it ended: see its outcome)."""
+
+    kind: str
+    wait_ms: int = 0
+    count: int = 0
+
+
+@runtime_checkable
+class RoundStore(Protocol):
+    """A store whose replicas run synchronous rounds together: the contributions and how each round ended
+    live in the store, every round is closed by one caller at a time under a lease (another takes over
+    when the lease runs out: a replica died), and its one step commits with its outcome atomically."""
+
+    async def round_join(
+        self, session_id: str, step: int, part: RoundPart, max_bytes: int, timeout: float
+    ) -> Joined:
+        """Adds the part to the round open at `step` (opening it); a round nobody closes goes some while
+        after its `timeout`, with its contributions."""
+        ...
+
+    async def round_claim(
+        self, session_id: str, round_id: str, owner: str, workers: int, timeout: float, lease: float
+    ) -> Claim: ...
+
+    async def round_parts(self, session_id: str, round_id: str) -> list[RoundPart]: ...
+
+    async def round_fail(self, session_id: str, owner: str, outcome: RoundOutcome) -> bool:
+        """Ends the round unapplied, if `owner` still holds its claim; False otherwise."""
+        ...
+
+    async def round_outcome(self, session_id: str, round_id: str) -> RoundOutcome | None: ...
+
+    async def commit_round(
+        self, record: SessionRecord, expected_version: int, history: HistoryRow, outcome: RoundOutcome
+    ) -> bool:
+        """`commit`, and with it the round's outcome (the round ends): one transaction."""
+        ...
+
+    def round_signal(self, session_id: str, round_id: str) -> RoundSignal:
+        """Set when the round's state changes (claimed, ended) or the session goes, in any replica."""
+        ...
+
+
+class RoundSignal(Protocol):
+    async def wait(self, timeout: float) -> None:
+        """Returns when signalled (then resets) or after `timeout` seconds, whichever is first."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class Store(Protocol):

@@ -1,4 +1,5 @@
 """`redis://host:port/db` (or `rediss://`, password in the URL): one store shared by many server processes.
+`redis+cluster://host:port` (or `rediss+cluster://`): the same on a Redis Cluster.
 
 Layout. Every key of a session carries the session id as its hash tag, so on Redis Cluster a session lives
 in one slot and one Lua script may touch all of it:
@@ -10,6 +11,13 @@ in one slot and one Lua script may touch all of it:
     optserve:{<sid>}:idem       hash: Idempotency-Key -> compact JSON record of the first answer
     optserve:{<sid>}:idemsteps  sorted set: Idempotency-Key scored by its step (for pruning)
     optserve:{<sid>}:writes     list: nonces of the last writes (a retried write is recognised, not redone)
+    optserve:{<sid>}:round      hash: the synchronous round open now: step, rid (its id), opened (ms, Redis
+                                clock), state (open | closing), owner and lease (who closes it, until
+                                when), n, bytes, and per worker f:<w> (its request's fingerprint), w:<w>
+                                (weight), l:<w> (loss)
+    optserve:{<sid>}:roundgrads hash: worker -> its gradients (opaque bytes) for the open round
+    optserve:{<sid>}:rounds     hash: rid -> how that round ended (JSON), step:<t> -> rid of round t applied
+    optserve:{<sid>}:roundorder list: the fields of `rounds`, newest first, trimmed to the last ROUNDS_KEPT
     optserve:tenant:{<tenant>}:sessions   sorted set: the tenant's session ids, scored by Redis server time
 
 The commit is ONE Lua script: it compare-and-sets on `version`, then writes the meta, the blob, the history
@@ -20,12 +28,20 @@ ids are added before a session is created and removed after it is deleted; `sess
 session is gone (deleted, expired) and drops them from the index once they are older than a grace period
 (so a session being created right now is never dropped).
 
+Synchronous rounds across replicas: a contribution joins the round in Redis (one script: the session's
+step, the worker's request, the round's byte budget); whoever completes the round, or finds its timeout
+passed, claims it under a lease and applies it: the step commits with the round's outcome in one script
+(COMMIT_LUA), which also deletes the contributions and publishes the end on the channel `optserve:rounds`.
+Every replica subscribes to that channel once and wakes its own waiters; a claim whose lease runs out (its
+replica died) is taken over by the next waiter, and the version compare-and-set keeps the step once.
+
 Expiry (`OPTSERVE_SESSION_TTL`) is Redis's: the create and commit scripts (re)set `PEXPIRE` on every key of
 the session, so `expire()` has nothing to do and returns 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -36,6 +52,7 @@ from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -43,10 +60,14 @@ from redis.exceptions import RedisError
 
 from app.store.base import (
     IDEMPOTENCY_STEPS,
+    Claim,
     HistoryRow,
     IdempotencyRecord,
+    Joined,
     Quota,
     QuotaExceeded,
+    RoundOutcome,
+    RoundPart,
     SessionMeta,
     SessionRecord,
     StoreError,
@@ -60,9 +81,30 @@ WRITES_KEPT = 64
 INDEX_GRACE_SECONDS = 60.0
 """An index entry without a session is dropped only once it is this old (creation adds it first)."""
 PRUNE_CHUNK = 500
+RECHECK_SECONDS = 0.5
+"""How often a round's waiter looks at Redis itself while this process's subscription is down."""
 SEEN_LIMIT = 100_000
 """Sessions whose last known write (version, nonce) this process remembers, least recently used out."""
-SUFFIXES = ("meta", "tensors", "history", "idem", "idemsteps", "writes")
+SUFFIXES = (
+    "meta",
+    "tensors",
+    "history",
+    "idem",
+    "idemsteps",
+    "writes",
+    "round",
+    "roundgrads",
+    "rounds",
+    "roundorder",
+)
+ROUNDS_KEPT = 16
+"""How the last this many rounds of a session ended is kept (a late waiter or a resend reads it there)."""
+ROUND_GRACE_SECONDS = 60.0
+"""A round's contributions expire this long after its timeout (or its closer's lease): an abandoned round
+(every contributor gone, nobody to close it) does not hold Redis' memory for longer."""
+ROUND_CHANNEL = "optserve:rounds"
+"""Classic pub/sub (a Redis Cluster carries it to every node): "<sid> <rid>" when a round is claimed or
+ends, "<sid> *" when the session goes."""
 META_FIELDS = ("tenant", "created_at", "updated_at", "metadata", "version", "step", "lr")
 # Ids the service makes are "s_" + url-safe base64; anything else (e.g. braces, which would change the
 # hash tag) cannot name a session and is simply not found.
@@ -74,9 +116,24 @@ local function apply_ttl(ms)
     if ms > 0 then redis.call('PEXPIRE', KEYS[i], ms) else redis.call('PERSIST', KEYS[i]) end
   end
 end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function same_ttl(...)
+  local ms = redis.call('PTTL', KEYS[1])
+  if ms > 0 then for _, key in ipairs({...}) do redis.call('PEXPIRE', key, ms) end end
+end
+local function keep_results(kept)
+  local dropped = redis.call('LRANGE', KEYS[10], kept, -1)
+  if #dropped > 0 then
+    redis.call('HDEL', KEYS[9], unpack(dropped))
+    redis.call('LTRIM', KEYS[10], 0, kept - 1)
+  end
+end
 """
 
-# KEYS: the six session keys. ARGV: nonce, ttl_ms, writes_kept, tenant, created_at, updated_at,
+# KEYS: the session keys. ARGV: nonce, ttl_ms, writes_kept, tenant, created_at, updated_at,
 # metadata, version, step, lr, engine, blob. Returns 1 (created, or this very create already ran), 0 (the
 # id is taken).
 CREATE_LUA = (
@@ -86,7 +143,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('LPOS', KEYS[6], ARGV[1]) then return 1 end
   return 0
 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('HSET', KEYS[1], 'tenant', ARGV[4], 'created_at', ARGV[5], 'updated_at', ARGV[6],
   'metadata', ARGV[7], 'version', ARGV[8], 'step', ARGV[9], 'lr', ARGV[10], 'engine', ARGV[11],
   'writer', ARGV[1])
@@ -98,9 +155,10 @@ return 1
 """
 )
 
-# KEYS: the six session keys. ARGV: nonce, ttl_ms, writes_kept, expected_version, version, updated_at,
+# KEYS: the session keys. ARGV: nonce, ttl_ms, writes_kept, expected_version, version, updated_at,
 # metadata, step, lr, engine, blob, has_history ('1'/'0'), history_row, history_limit, has_idem ('1'/'0'),
-# idem_key, idem_record, idem_step, idem_horizon, expected_writer ('' = unknown). Returns 1 (committed, or
+# idem_key, idem_record, idem_step, idem_horizon, expected_writer ('' = unknown), then for a round's step
+# (has_round '1'/'0'): rid, its outcome, the round, results kept, channel, message. Returns 1 (committed, or
 # this very commit already was), 0 (stale: nothing written), -1 (no such session: nothing written).
 # `writer` is the nonce of the write that made the current state: when the caller knows which write its
 # state came from, a state with the same version number made by another write (Redis lost acknowledged
@@ -133,17 +191,110 @@ while true do
 end
 redis.call('LPUSH', KEYS[6], ARGV[1])
 redis.call('LTRIM', KEYS[6], 0, tonumber(ARGV[3]) - 1)
+if ARGV[21] == '1' then
+  redis.call('DEL', KEYS[7], KEYS[8])
+  redis.call('HSET', KEYS[9], ARGV[22], ARGV[23], 'step:' .. ARGV[24], ARGV[22])
+  redis.call('LPUSH', KEYS[10], ARGV[22], 'step:' .. ARGV[24])
+  keep_results(tonumber(ARGV[25]))
+  redis.call('PUBLISH', ARGV[26], ARGV[27])
+end
 apply_ttl(tonumber(ARGV[2]))
 return 1
 """
 )
 
-# KEYS: the six session keys. Returns the tenant of the deleted session, or nil when there was none.
+# KEYS: the session keys. ARGV: channel, message. Returns the tenant of the deleted session, or nil when
+# there was none; wakes the waiters of its round.
 DELETE_LUA = """
 local tenant = redis.call('HGET', KEYS[1], 'tenant')
 redis.call('DEL', unpack(KEYS))
+if tenant then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return tenant
 """
+
+# KEYS: the session keys. ARGV: step, worker, fingerprint, weight, loss ('' = none), gradients, max bytes,
+# the id of a new round, how long after its opening an abandoned round goes (ms). Returns {kind, round id,
+# the session's step, outcome}; see `Joined`.
+ROUND_JOIN_LUA = (
+    _TTL_LUA
+    + """
+local current = redis.call('HGET', KEYS[1], 'step')
+if not current then return {'gone', '', 0, ''} end
+local done = redis.call('HGET', KEYS[9], 'step:' .. ARGV[1])
+if done then return {'done', done, current, redis.call('HGET', KEYS[9], done) or ''} end
+if tonumber(current) ~= tonumber(ARGV[1]) then return {'stale', '', current, ''} end
+local open = redis.call('HGET', KEYS[7], 'step')
+if open and tonumber(open) ~= tonumber(ARGV[1]) then redis.call('DEL', KEYS[7], KEYS[8]); open = false end
+local rid, bytes = ARGV[8], 0
+if open then
+  rid = redis.call('HGET', KEYS[7], 'rid')
+  local fp = redis.call('HGET', KEYS[7], 'f:' .. ARGV[2])
+  if fp == ARGV[3] then return {'resent', rid, current, ''} end
+  if fp then return {'other', rid, current, ''} end
+  if redis.call('HGET', KEYS[7], 'state') ~= 'open' then return {'closed', rid, current, ''} end
+  bytes = tonumber(redis.call('HGET', KEYS[7], 'bytes'))
+end
+bytes = bytes + string.len(ARGV[6])
+if bytes > tonumber(ARGV[7]) then return {'full', rid, current, ''} end
+if not open then
+  redis.call('HSET', KEYS[7], 'step', ARGV[1], 'rid', rid, 'opened', now_ms(), 'state', 'open', 'n', 0)
+end
+redis.call('HSET', KEYS[7], 'f:' .. ARGV[2], ARGV[3], 'w:' .. ARGV[2], ARGV[4], 'l:' .. ARGV[2], ARGV[5],
+  'bytes', bytes)
+redis.call('HINCRBY', KEYS[7], 'n', 1)
+redis.call('HSET', KEYS[8], ARGV[2], ARGV[6])
+local expiry = tonumber(redis.call('HGET', KEYS[7], 'opened')) + tonumber(ARGV[9])
+redis.call('PEXPIREAT', KEYS[7], expiry)
+redis.call('PEXPIREAT', KEYS[8], expiry)
+return {'joined', rid, current, ''}
+"""
+)
+
+# KEYS: the session keys. ARGV: round id, owner, workers, timeout_ms, lease_ms, channel, message, grace_ms.
+# Claims the round for `owner` when it is full or past its timeout, or its closer's lease ran out (and
+# keeps the round at least until the lease's end + grace). Returns {kind,
+# wait_ms, contributions}; see `Claim`.
+ROUND_CLAIM_LUA = (
+    _TTL_LUA
+    + """
+if redis.call('HGET', KEYS[7], 'rid') ~= ARGV[1] then return {'gone', 0, 0} end
+local now = now_ms()
+local n = tonumber(redis.call('HGET', KEYS[7], 'n'))
+if redis.call('HGET', KEYS[7], 'state') == 'open' then
+  local left = tonumber(redis.call('HGET', KEYS[7], 'opened')) + tonumber(ARGV[4]) - now
+  if n < tonumber(ARGV[3]) and left > 0 then return {'wait', left, n} end
+else
+  local left = tonumber(redis.call('HGET', KEYS[7], 'lease')) - now
+  if left > 0 then return {'busy', left, n} end
+end
+redis.call('HSET', KEYS[7], 'state', 'closing', 'owner', ARGV[2], 'lease', now + tonumber(ARGV[5]))
+local expiry = now + tonumber(ARGV[5]) + tonumber(ARGV[8])
+if now + redis.call('PTTL', KEYS[7]) < expiry then
+  redis.call('PEXPIREAT', KEYS[7], expiry)
+  redis.call('PEXPIREAT', KEYS[8], expiry)
+end
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return {'claimed', 0, n}
+"""
+)
+
+# KEYS: the session keys. ARGV: round id, owner, outcome, results kept, channel, message. Ends the round
+# unapplied if `owner` holds its claim: 1, else 0.
+ROUND_FAIL_LUA = (
+    _TTL_LUA
+    + """
+if redis.call('HGET', KEYS[7], 'rid') ~= ARGV[1] or redis.call('HGET', KEYS[7], 'owner') ~= ARGV[2] then
+  return 0
+end
+redis.call('DEL', KEYS[7], KEYS[8])
+redis.call('HSET', KEYS[9], ARGV[1], ARGV[3])
+redis.call('LPUSH', KEYS[10], ARGV[1])
+keep_results(tonumber(ARGV[4]))
+same_ttl(KEYS[9], KEYS[10])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 1
+"""
+)
 
 # KEYS: a tenant index. ARGV: session id. Scored by the server's clock, so replicas' clocks do not matter.
 INDEX_ADD_LUA = """
@@ -188,13 +339,22 @@ def session_keys(session_id: str) -> list[str]:
     return [f"{PREFIX}:{{{session_id}}}:{suffix}" for suffix in SUFFIXES]
 
 
+OPEN_TAG = "open"
+"""The hash tag of the open tenant (""), whose keys had the empty tag `{}` before, which Redis Cluster
+ignores (the whole key is hashed then, so its index and sizes fell in two slots). Tenants are hex digests,
+so no tenant's tag is this one."""
+
+
 def tenant_key(tenant: str) -> str:
-    return f"{PREFIX}:tenant:{{{tenant}}}:sessions"
+    return f"{PREFIX}:tenant:{{{tenant or OPEN_TAG}}}:sessions"
 
 
 def tenant_sizes_key(tenant: str) -> str:
     """The bytes of each of the tenant's sessions, beside its index (same slot): what quotas count."""
-    return f"{PREFIX}:tenant:{{{tenant}}}:bytes"
+    return f"{PREFIX}:tenant:{{{tenant or OPEN_TAG}}}:bytes"
+
+
+LEGACY_OPEN_KEYS = (f"{PREFIX}:tenant:{{}}:sessions", f"{PREFIX}:tenant:{{}}:bytes")
 
 
 def _valid(session_id: str) -> bool:
@@ -233,7 +393,7 @@ class RedisStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         history_limit: int = 10_000,
         ttl: float | None = None,
         index_grace: float = INDEX_GRACE_SECONDS,
@@ -253,28 +413,39 @@ class RedisStore:
         self._index_add = client.register_script(INDEX_ADD_LUA)
         self._index_reserve = client.register_script(INDEX_RESERVE_LUA)
         self._index_prune = client.register_script(INDEX_PRUNE_LUA)
+        self._round_join = client.register_script(ROUND_JOIN_LUA)
+        self._round_claim = client.register_script(ROUND_CLAIM_LUA)
+        self._round_fail = client.register_script(ROUND_FAIL_LUA)
+        self._signals = _Signals(client)
+        self._legacy_checked = False
 
     @classmethod
     def from_url(cls, url: str, history_limit: int = 10_000, ttl: float | None = None) -> RedisStore:
         """`redis://[[user]:password@]host:port/db` or `rediss://...`; query options as redis-py's
-        (e.g. `?socket_timeout=30`). Connections are opened on first use, not here."""
-        if not url.startswith(("redis://", "rediss://")):
-            raise ValueError(f"invalid Redis URL {url!r}; expected redis://host:port/db")
-        client = aioredis.Redis.from_url(
-            url,
-            decode_responses=False,  # tensors travel as raw bytes
-            socket_connect_timeout=3.0,
-            socket_timeout=10.0,  # per socket operation, not per value: large sessions are fine
-            health_check_interval=30,
+        (e.g. `?socket_timeout=30`). `redis+cluster://[[user]:password@]host:port` (or `rediss+cluster://`)
+        is a Redis Cluster, found from that one node. Connections are opened on first use, not here."""
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+            raise ValueError(
+                f"invalid Redis URL {url!r}; expected redis://host:port/db or redis+cluster://host:port"
+            )
+        options: dict[str, Any] = {
+            "decode_responses": False,  # tensors travel as raw bytes
+            "socket_connect_timeout": 3.0,
+            "socket_timeout": 10.0,  # per socket operation, not per value: large sessions are fine
             # A few quick retries when a connection breaks or is refused, then 503. Safe for writes too: a
             # write script recognises its own nonce and answers "done" instead of writing twice. A timeout
             # is not retried (a stalled Redis would only stall the request longer): 503 at once.
-            retry=Retry(
+            "retry": Retry(
                 ExponentialWithJitterBackoff(cap=0.5, base=0.05),
                 retries=3,
                 supported_errors=(RedisConnectionError,),
             ),
-        )
+        }
+        if scheme.endswith("+cluster"):
+            client: Any = RedisCluster.from_url(scheme.removesuffix("+cluster") + "://" + rest, **options)
+        else:
+            client = aioredis.Redis.from_url(url, health_check_interval=30, **options)
         return cls(client, history_limit, ttl)
 
     def _note(self, session_id: str, version: int, writer: bytes) -> None:
@@ -321,6 +492,7 @@ class RedisStore:
     async def _reserve(self, tenant: str, session_id: str, nbytes: int, quota: Quota) -> None:
         """The session's place in its tenant's index, within the quota; QuotaExceeded past it. Ids of
         sessions that expired or were deleted meanwhile are pruned first, when they are in the way."""
+        await self._adopt_legacy_open_index(tenant)
         keys = [tenant_key(tenant), tenant_sizes_key(tenant)]
         for attempt in range(2):
             taken, held, held_bytes = await self._index_reserve(
@@ -383,6 +555,32 @@ class RedisStore:
         history: HistoryRow | None,
         idempotency: IdempotencyRecord | None,
     ) -> bool:
+        return await self._commit_with(record, expected_version, history, idempotency, ["0"])
+
+    async def commit_round(
+        self, record: SessionRecord, expected_version: int, history: HistoryRow, outcome: RoundOutcome
+    ) -> bool:
+        """The round's one step, its outcome, and the end of its contributions: one script."""
+        sid = record.meta.id
+        ending: list[str | int] = [
+            "1",
+            outcome.round_id,
+            outcome.to_json(),
+            outcome.step,
+            2 * ROUNDS_KEPT,
+            ROUND_CHANNEL,
+            f"{sid} {outcome.round_id}",
+        ]
+        return await self._commit_with(record, expected_version, history, None, ending)
+
+    async def _commit_with(
+        self,
+        record: SessionRecord,
+        expected_version: int,
+        history: HistoryRow | None,
+        idempotency: IdempotencyRecord | None,
+        ending: list[str | int],
+    ) -> bool:
         meta, step = record.meta, record.step
         if not _valid(meta.id):
             return False
@@ -410,6 +608,7 @@ class RedisStore:
             0 if idempotency is None else idempotency.step,
             step - IDEMPOTENCY_STEPS,
             seen[1] if seen is not None and seen[0] == expected_version else b"",
+            *ending,
         ]
         if await self._run_commit(meta.id, args) != 1:
             return False
@@ -440,7 +639,25 @@ class RedisStore:
             rows = await self._client.lrange(session_keys(session_id)[2], -count, -1)
         return [HistoryRow(*json.loads(r)) for r in rows]
 
+    async def _adopt_legacy_open_index(self, tenant: str) -> None:
+        """Moves the open tenant's index from its keys of before (`{}`) to today's, once per process (a
+        no-op when there are none, as on a cluster, where they never worked)."""
+        if tenant or self._legacy_checked:
+            return
+        old_index, old_sizes = LEGACY_OPEN_KEYS
+        with _errors("list"):
+            members: list[Any] = await self._client.zrange(old_index, 0, -1, withscores=True)
+            sizes: dict[Any, Any] = await self._client.hgetall(old_sizes)
+            if members:
+                await self._client.zadd(tenant_key(""), dict(members), nx=True)
+            if sizes:
+                await self._client.hset(tenant_sizes_key(""), mapping=sizes)
+            await self._client.delete(old_index)
+            await self._client.delete(old_sizes)
+        self._legacy_checked = True
+
     async def sessions_of(self, tenant: str) -> list[tuple[SessionMeta, int, list[float]]]:
+        await self._adopt_legacy_open_index(tenant)
         index = tenant_key(tenant)
         with _errors("list"):
             members = await self._client.zrange(index, 0, -1)
@@ -475,7 +692,9 @@ class RedisStore:
         if not _valid(session_id):
             return False
         with _errors("delete"):
-            tenant = await self._delete(keys=session_keys(session_id))
+            tenant = await self._delete(
+                keys=session_keys(session_id), args=[ROUND_CHANNEL, f"{session_id} *"]
+            )
         self._seen.pop(session_id, None)
         if tenant is None:
             return False
@@ -484,6 +703,88 @@ class RedisStore:
             await self._client.zrem(tenant_key(_text(tenant)), session_id)
             await self._client.hdel(tenant_sizes_key(_text(tenant)), session_id)
         return True
+
+    # -- synchronous rounds across replicas (RoundStore) --------------------------------------------
+
+    async def round_join(
+        self, session_id: str, step: int, part: RoundPart, max_bytes: int, timeout: float
+    ) -> Joined:
+        if not _valid(session_id):
+            return Joined("gone")
+        args: list[str | int | bytes] = [
+            step,
+            part.worker,
+            part.fingerprint,
+            repr(part.weight),
+            "" if part.loss is None else repr(part.loss),
+            part.blob,
+            max_bytes,
+            secrets.token_hex(8),
+            round((timeout + ROUND_GRACE_SECONDS) * 1000),
+        ]
+        with _errors("round"):
+            kind, rid, current, outcome = await self._round_join(keys=session_keys(session_id), args=args)
+        return Joined(
+            _text(kind), _text(rid), int(current), RoundOutcome.from_json(outcome) if outcome else None
+        )
+
+    async def round_claim(
+        self, session_id: str, round_id: str, owner: str, workers: int, timeout: float, lease: float
+    ) -> Claim:
+        args: list[str | int] = [
+            round_id,
+            owner,
+            workers,
+            round(timeout * 1000),
+            max(1, round(lease * 1000)),
+            ROUND_CHANNEL,
+            f"{session_id} {round_id}",
+            round(ROUND_GRACE_SECONDS * 1000),
+        ]
+        with _errors("round"):
+            kind, wait_ms, count = await self._round_claim(keys=session_keys(session_id), args=args)
+        return Claim(_text(kind), int(wait_ms), int(count))
+
+    async def round_parts(self, session_id: str, round_id: str) -> list[RoundPart]:
+        keys = session_keys(session_id)
+        with _errors("round"):
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hgetall(keys[6])
+                pipe.hgetall(keys[7])
+                fields, blobs = await pipe.execute()
+        row = {_text(k): _text(v) for k, v in fields.items()}
+        if row.get("rid") != round_id:
+            return []
+        parts = []
+        for worker, blob in blobs.items():
+            name = _text(worker)
+            loss = row.get(f"l:{name}", "")
+            parts.append(
+                RoundPart(
+                    name, row[f"f:{name}"], float(row[f"w:{name}"]), float(loss) if loss else None, blob
+                )
+            )
+        return parts
+
+    async def round_fail(self, session_id: str, owner: str, outcome: RoundOutcome) -> bool:
+        args: list[str | int] = [
+            outcome.round_id,
+            owner,
+            outcome.to_json(),
+            2 * ROUNDS_KEPT,
+            ROUND_CHANNEL,
+            f"{session_id} {outcome.round_id}",
+        ]
+        with _errors("round"):
+            return int(await self._round_fail(keys=session_keys(session_id), args=args)) == 1
+
+    async def round_outcome(self, session_id: str, round_id: str) -> RoundOutcome | None:
+        with _errors("round"):
+            raw = await self._client.hget(session_keys(session_id)[8], round_id)
+        return None if raw is None else RoundOutcome.from_json(raw)
+
+    def round_signal(self, session_id: str, round_id: str) -> _Signal:
+        return self._signals.signal(session_id, round_id)
 
     async def expire(self, idle_seconds: float, now: float) -> int:
         """Nothing to do: every key of a session carries a Redis TTL, (re)set by each write. Returns 0."""
@@ -494,8 +795,100 @@ class RedisStore:
             await self._client.ping()
 
     async def close(self) -> None:
+        await self._signals.close()
         with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()
+
+
+class _Signal:
+    """One waiter's wake-up for one round (see `RoundSignal`)."""
+
+    def __init__(self, signals: _Signals, key: tuple[str, str]) -> None:
+        self._signals = signals
+        self.key = key
+        self.event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        if not self._signals.connected:  # a message may be missed meanwhile: look again soon
+            timeout = min(timeout, RECHECK_SECONDS)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.event.wait(), max(0.0, timeout))
+        self.event.clear()
+
+    def close(self) -> None:
+        self._signals.drop(self)
+
+
+class _Signals:
+    """This process's one subscription to ROUND_CHANNEL, started with the first waiter, and the waiters it
+    wakes. While it is not connected (starting, or Redis away), waiters look again every RECHECK_SECONDS;
+    when it (re)connects, every waiter looks again, for it may have missed messages."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._waiting: dict[tuple[str, str], set[_Signal]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.connected = False
+
+    def signal(self, session_id: str, round_id: str) -> _Signal:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._listen())
+        signal = _Signal(self, (session_id, round_id))
+        self._waiting.setdefault(signal.key, set()).add(signal)
+        return signal
+
+    def drop(self, signal: _Signal) -> None:
+        waiting = self._waiting.get(signal.key)
+        if waiting is not None:
+            waiting.discard(signal)
+            if not waiting:
+                del self._waiting[signal.key]
+
+    def _wake(self, message: str) -> None:
+        session_id, _, round_id = message.partition(" ")
+        if round_id == "*":
+            keys = [key for key in self._waiting if key[0] == session_id]
+        else:
+            keys = [(session_id, round_id)]
+        for key in keys:
+            for signal in self._waiting.get(key, ()):
+                signal.event.set()
+
+    def _wake_all(self) -> None:
+        for waiting in self._waiting.values():
+            for signal in waiting:
+                signal.event.set()
+
+    async def _listen(self) -> None:
+        pause = 0.05
+        while True:
+            try:
+                pubsub = self._client.pubsub()
+                try:
+                    await pubsub.subscribe(ROUND_CHANNEL)
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=30.0)
+                        if message is None:
+                            continue
+                        if message["type"] == "subscribe":
+                            self.connected, pause = True, 0.05
+                            self._wake_all()
+                        elif message["type"] == "message":
+                            self._wake(_text(message["data"]))
+                finally:
+                    self.connected = False
+                    self._wake_all()
+                    with contextlib.suppress(RedisError, OSError):
+                        await pubsub.aclose()
+            except (RedisError, OSError):
+                await asyncio.sleep(pause)
+                pause = min(1.0, pause * 2)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 def _history_json(row: HistoryRow) -> str:

@@ -18,7 +18,6 @@ from app.store.redis import session_keys
 from app.wire import safetensors
 from tests.api.helpers import ST, create, params_of, step
 from tests.conftest import AppClient
-from tests.store.conftest import redis_server  # noqa: F401 - the fixture, for the redis:// case
 from tests.system.redis_server import RedisServer
 
 SGD = {"optimizer": {"name": "sgd", "lr": 0.1}}

@@ -285,3 +285,16 @@ async def test_workers_contribute_to_synchronous_rounds_and_all_get_the_rounds_s
             # weighted mean of 1, 2, 3 with weights 1, 2, 3 is 14 / 6; two rounds of lr 0.5
             expected = W - np.float32(0.5) * np.float32(14 / 6) - np.float32(0.5) * np.float32(14 / 6)
             np.testing.assert_allclose(results[0].params["w"], expected, rtol=1e-6)
+
+
+async def test_a_step_resent_with_its_idempotency_key_is_answered_again_and_step_names_the_round(
+    connect: Connect,
+) -> None:
+    client = await connect()
+    session = await resolve(client.create_session({"w": np.zeros(2)}, {"name": "sgd", "lr": 1.0}))
+    first = await resolve(session.step({"w": np.ones(2)}, step=0, idempotency_key="restarted-7"))
+    again = await resolve(session.step({"w": np.ones(2)}, step=0, idempotency_key="restarted-7"))
+    assert (first.step, first.replayed, again.step, again.replayed) == (1, False, 1, True)
+    np.testing.assert_array_equal(again.params["w"], first.params["w"])
+    with pytest.raises(ValueError, match="disagree"):
+        await resolve(session.step({"w": np.ones(2)}, step=1, expected_step=2))

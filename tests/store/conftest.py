@@ -1,4 +1,5 @@
-"""A redis-server shared by the store tests, and a factory for each store over a clean database."""
+"""A factory for each store over a clean database: memory, SQLite, a real redis-server, a real Redis
+Cluster."""
 
 from __future__ import annotations
 
@@ -13,16 +14,11 @@ from app.store.base import Store
 from app.store.memory import MemoryStore
 from app.store.redis import RedisStore
 from app.store.sqlite import SqliteStore
+from tests.system.redis_cluster import RedisCluster
 from tests.system.redis_server import RedisServer
 
-STORES = ["memory", "sqlite", "redis"]
+STORES = ["memory", "sqlite", "redis", "redis-cluster"]
 MakeStore = Callable[..., Awaitable[Store]]
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 @pytest.fixture
@@ -35,7 +31,9 @@ def redis_db(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-async def make_store(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[MakeStore]:
+async def make_store(
+    tmp_path: Path, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> AsyncIterator[MakeStore]:
     """`await make_store(kind, history_limit=..., ttl=...)` -> a fresh store (Redis: a flushed database)."""
     opened: list[Store] = []
     flush = redis.Redis.from_url(redis_server.url())
@@ -50,6 +48,10 @@ async def make_store(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator
             store = SqliteStore(tmp_path / f"contract-{len(opened)}.db", history_limit)
         elif kind == "redis":
             store = RedisStore.from_url(redis_server.url(), history_limit, **options)
+        elif kind == "redis-cluster":  # a real 3-master Redis Cluster, every master flushed
+            cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+            cluster.flush()
+            store = RedisStore.from_url(cluster.url(), history_limit, **options)
         else:
             raise ValueError(kind)
         opened.append(store)

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import redis
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
@@ -182,6 +183,70 @@ def test_kill_9_of_a_replica_mid_run_loses_nothing(cluster: Cluster, replicas: l
     for k, v in answered[t].items():
         np.testing.assert_allclose(v, expected[k], rtol=1e-10, atol=1e-12)
     assert history_steps(a.url, sid) == list(range(1, t + 1))
+
+
+def test_a_replica_killed_mid_round_loses_nothing_its_workers_resend_to_the_other(
+    cluster: Cluster, replicas: list[Server]
+) -> None:
+    """A synchronous round of 4 workers across both replicas: w0 and w1 wait on A when A is killed -9; they
+    resend the same requests (same Idempotency-Key and body) to B, w2 and w3 contribute there, and all four
+    get the round's one step, torch's step on the mean of the four gradients. Then the rounds go on with A
+    back, the workers spread over both."""
+    a, b = replicas
+    spec = {
+        "optimizer": OPTIMIZER,
+        "params": {
+            k: {"shape": list(v.shape), "dtype": "float64", "data": v.ravel().tolist()}
+            for k, v in initial().items()
+        },
+        "aggregation": {"mode": "sync", "workers": 4, "timeout": 60},
+    }
+    created = httpx.post(a.url + "/v1/sessions", json=spec, timeout=10)
+    assert created.status_code == 201, created.text
+    sid = created.json()["id"]
+
+    def grads(t: int, w: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(100 * t + w)
+        return {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+
+    def contribute(url: str, t: int, w: int) -> httpx.Response:
+        body = {"grads": {k: g.tolist() for k, g in grads(t, w).items()}, "step": t, "worker": f"w{w}"}
+        headers = {"Idempotency-Key": f"{sid}-w{w}-{t}"}
+        return httpx.post(f"{url}/v1/sessions/{sid}/step", json=body, headers=headers, timeout=30)
+
+    def contributions_held() -> int:
+        held = redis.Redis.from_url(cluster.redis.url()).hget(f"optserve:{{{sid}}}:round", "n")
+        return int(held or 0)
+
+    with ThreadPoolExecutor(4) as pool:
+        on_a = [pool.submit(contribute, a.url, 0, w) for w in (0, 1)]
+        deadline = time.monotonic() + 10
+        while contributions_held() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert contributions_held() == 2
+        a.kill()
+        for lost in on_a:
+            with pytest.raises(httpx.TransportError):
+                lost.result()
+        answers = list(pool.map(lambda w: contribute(b.url, 0, w), range(4)))  # w0, w1 resend; w2, w3 new
+    assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+    assert all(r.json() == answers[0].json() for r in answers)
+    assert answers[0].json()["workers"] == ["w0", "w1", "w2", "w3"]
+    assert [r.headers.get("idempotent-replayed") for r in answers] == ["true", "true", None, None]
+    cluster.ensure()
+    with ThreadPoolExecutor(4) as pool:
+        for t in (1, 2):
+            round_ = list(pool.map(lambda w, t=t: contribute(replicas[w % 2].url, t, w), range(4)))
+            assert [r.status_code for r in round_] == [200] * 4, [r.text for r in round_]
+            answers = round_
+    mean = [{k: sum(grads(t, w)[k] for w in range(4)) / 4 for k in SHAPES} for t in range(3)]
+    twin = TorchTwin(initial(), torch.optim.Adam, None, lr=0.01, weight_decay=0.01, amsgrad=True)
+    for g in mean:
+        twin.step(g)
+    got = {k: np.array(v["data"]).reshape(SHAPES[k]) for k, v in answers[0].json()["params"].items()}
+    for k, v in twin.params().items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-10, atol=1e-12)
+    assert history_steps(b.url, sid) == [1, 2, 3]  # three rounds, each applied once
 
 
 def test_six_threads_over_two_replicas_apply_exactly_180_steps(replicas: list[Server]) -> None:

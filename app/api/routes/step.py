@@ -56,10 +56,14 @@ async def step(request: Request) -> Response:
     parsed = await bodies.read_step(offload, body, fmt)
     service = await get_service(request)
     render = bodies.render_step(answer, return_params, offload)
-    fingerprint = xxhash.xxh3_128_hexdigest(body) if key is not None or parsed.worker is not None else ""
     session_id = request.path_params["session_id"]
     response: Response
     if parsed.worker is not None:
+        # a worker's request in a round: its Idempotency-Key (if any) and body; a resend carries both
+        hasher = xxhash.xxh3_128((key or "").encode())
+        hasher.update(b"\n")
+        hasher.update(body)
+        fingerprint = hasher.hexdigest()
         response = await service.contribute(
             tenant,
             session_id,
@@ -72,6 +76,7 @@ async def step(request: Request) -> Response:
             fingerprint=fingerprint,
         )
         return response
+    fingerprint = xxhash.xxh3_128_hexdigest(body) if key is not None else ""
     response = await service.step(
         tenant,
         session_id,

@@ -133,6 +133,13 @@ def _step_result(response: httpx.Response) -> StepResult:
     )
 
 
+def expected(expected_step: int | None, step: int | None) -> int | None:
+    """`step=` is another name for `expected_step=` (the round a worker's gradient belongs to)."""
+    if step is not None and expected_step is not None and step != expected_step:
+        raise ValueError(f"step={step} and expected_step={expected_step} disagree; give one")
+    return expected_step if step is None else step
+
+
 def step(
     wire: Wire,
     info: SessionInfo,
@@ -142,10 +149,12 @@ def step(
     return_params: bool,
     worker: str | None = None,
     weight: float | None = None,
+    idempotency_key: str | None = None,
 ) -> Call[StepResult]:
-    """Every step carries a fresh Idempotency-Key, the same on each resend of this one step, so that a step
-    whose answer was lost is answered again by the server rather than applied twice. With `worker`, the
-    step is a contribution to the synchronous round `expected_step`, answered when the round is applied."""
+    """Every step carries an Idempotency-Key (a fresh one unless given), the same on each resend of this one
+    step, so that a step whose answer was lost is answered again by the server rather than applied twice.
+    With `worker`, the step is a contribution to the synchronous round `expected_step`, answered when the
+    round is applied."""
     scalars = {
         "step": expected_step,
         "loss": None if loss is None else float(loss),
@@ -162,7 +171,7 @@ def step(
         content_type,
         accept=content_type,
         query=None if return_params else {"return_params": "false"},
-        idempotency_key=str(uuid.uuid4()),
+        idempotency_key=idempotency_key or str(uuid.uuid4()),
         size_hint=info.param_bytes if return_params else 0,
         wait=float(rounds.get("timeout", 0.0)),
     )

@@ -176,14 +176,26 @@ class Session:
         *,
         worker: str | None = None,
         weight: float | None = None,
+        step: int | None = None,
+        idempotency_key: str | None = None,
     ) -> StepResult:
         """Apply one step. A parameter left out of `grads` is left alone, as torch does for `grad is None`.
-        With `expected_step`, the server refuses (`StepConflict`) unless the session is at that step (or,
-        aggregating asynchronously, at most `max_staleness` past it). With `worker`, on a session with
-        synchronous rounds, this is that worker's contribution to round `expected_step` (`weight` for
-        weighted_mean): it returns when the round is applied, with the round's step."""
+        With `expected_step` (or its other name `step`), the server refuses (`StepConflict`) unless the
+        session is at that step (or, aggregating asynchronously, at most `max_staleness` past it). With
+        `worker`, on a session with synchronous rounds, this is that worker's contribution to round
+        `expected_step` (`weight` for weighted_mean): it returns when the round is applied, with the round's
+        step. `idempotency_key` resends a step made before, e.g. by a worker process that restarted: the
+        same key and gradients are answered again, never applied twice (one is made up when not given)."""
         call = _calls.step(
-            self.client.wire, self.info, grads, loss, expected_step, return_params, worker, weight
+            self.client.wire,
+            self.info,
+            grads,
+            loss,
+            _calls.expected(expected_step, step),
+            return_params,
+            worker,
+            weight,
+            idempotency_key,
         )
         return self.client._request(call)
 
@@ -355,10 +367,20 @@ class AsyncSession:
         *,
         worker: str | None = None,
         weight: float | None = None,
+        step: int | None = None,
+        idempotency_key: str | None = None,
     ) -> StepResult:
         """See `Session.step`."""
         call = _calls.step(
-            self.client.wire, self.info, grads, loss, expected_step, return_params, worker, weight
+            self.client.wire,
+            self.info,
+            grads,
+            loss,
+            _calls.expected(expected_step, step),
+            return_params,
+            worker,
+            weight,
+            idempotency_key,
         )
         return await self.client._request(call)
 
