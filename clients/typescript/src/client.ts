@@ -124,6 +124,9 @@ export interface StepOptions {
   worker?: string;
   /** Synchronous rounds with reduce weighted_mean: this contribution's weight (e.g. its batch size). */
   weight?: number;
+  /** Resends a step made before (e.g. by a worker process that restarted): the same key and gradients are
+   * answered again, never applied twice. One is made up when not given. */
+  idempotencyKey?: string;
 }
 
 interface Call {
@@ -394,7 +397,7 @@ export class Session {
       contentType: type,
       accept: type,
       query: returnParams ? undefined : { return_params: "false" },
-      idempotencyKey: await newIdempotencyKey(),
+      idempotencyKey: options.idempotencyKey ?? (await newIdempotencyKey()),
       resendable: true,
       sizeHint: returnParams ? paramBytes : 0,
       waitSeconds: options.worker !== undefined && this.info.aggregation?.mode === "sync" ? this.info.aggregation.timeout : 0,

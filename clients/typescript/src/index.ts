@@ -33,4 +33,5 @@ export {
   ValidationError,
 } from "./errors.js";
 export * as safetensors from "./safetensors.js";
+export { Worker, type WorkerStepOptions } from "./worker.js";
 export { type Dtype, halfToNumber, type Tensor, type TensorInput, type Tensors, type TypedData } from "./tensors.js";

@@ -16,6 +16,7 @@ import {
   Unauthorized,
   ValidationError,
   safetensors,
+  Worker,
 } from "../dist/index.js";
 import { REPO, startServer } from "./server.mjs";
 
@@ -248,4 +249,40 @@ test("workers contribute to a synchronous round and all get its one step", async
     assert.deepEqual(r.workers, ["a", "b"]);
     assert.deepEqual(Array.from(r.params.w.data), [-2, -3]);
   }
+});
+
+test("a Worker tracks its rounds, and catches up when its gradient came too late", async () => {
+  const client = connect();
+  const rounds = await client.createSession({
+    params: { w: [0, 0] },
+    optimizer: { name: "sgd", lr: 1 },
+    aggregation: { mode: "sync", workers: 2, timeout: 30 },
+  });
+  const workers = [new Worker(rounds, "a"), new Worker(await client.getSession(rounds.id), "b")];
+  for (let t = 0; t < 3; t++) {
+    const results = await Promise.all(workers.map((w, i) => w.step({ w: [i + 1, i + 1] }, { loss: i })));
+    for (const r of results) assert.deepEqual([r.step, r.workers], [t + 1, ["a", "b"]]);
+  }
+  assert.deepEqual(workers.map((w) => w.atStep), [3, 3]);
+  assert.deepEqual(Array.from(workers[0].params.w.data), [-4.5, -4.5]); // three steps of the mean, 1.5
+  const history = await rounds.history();
+  assert.deepEqual(history.map((h) => [h.step, h.loss]), [[1, 0.5], [2, 0.5], [3, 0.5]]);
+
+  const stale = await client.createSession({
+    params: { w: [0] },
+    optimizer: { name: "sgd", lr: 1 },
+    aggregation: { mode: "async", max_staleness: 0 },
+  });
+  const [fast, slow] = [new Worker(stale, "fast"), new Worker(await client.getSession(stale.id), "slow")];
+  assert.equal((await fast.step({ w: [1] })).step, 1);
+  assert.equal(await slow.step({ w: [1] }), null); // computed at step 0, the session is at 1
+  assert.deepEqual([slow.dropped, slow.atStep, Array.from(slow.params.w.data)], [1, 1, [-1]]);
+  assert.equal((await slow.step({ w: [1] })).step, 2);
+});
+
+test("a resend with the same idempotencyKey is answered again, not applied twice", async () => {
+  const session = await connect().createSession({ params: { w: [0] }, optimizer: { name: "sgd", lr: 1 } });
+  const first = await session.step({ w: [1] }, { idempotencyKey: "restarted-worker-7" });
+  const again = await session.step({ w: [1] }, { idempotencyKey: "restarted-worker-7" });
+  assert.deepEqual([first.step, first.replayed, again.step, again.replayed], [1, false, 1, true]);
 });
