@@ -79,7 +79,12 @@ class SharedRounds:
         part = RoundPart(worker, fingerprint, 1.0 if weight is None else weight, loss, blob)
         joined = await service._guard(
             self.store.round_join(
-                session_id, round_step, part, service.max_round_bytes, aggregation["timeout"]
+                session_id,
+                round_step,
+                part,
+                service.max_round_bytes,
+                aggregation["timeout"],
+                aggregation["workers"],
             )
         )
         del blob, part

@@ -243,10 +243,10 @@ class RoundStore(Protocol):
     when the lease runs out: a replica died), and its one step commits with its outcome atomically."""
 
     async def round_join(
-        self, session_id: str, step: int, part: RoundPart, max_bytes: int, timeout: float
+        self, session_id: str, step: int, part: RoundPart, max_bytes: int, timeout: float, workers: int
     ) -> Joined:
-        """Adds the part to the round open at `step` (opening it); a round nobody closes goes some while
-        after its `timeout`, with its contributions."""
+        """Adds the part to the round open at `step` (opening it), unless it has its `workers` already; a
+        round nobody closes goes some while after its `timeout`, with its contributions."""
         ...
 
     async def round_claim(

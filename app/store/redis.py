@@ -213,7 +213,8 @@ return tenant
 """
 
 # KEYS: the session keys. ARGV: step, worker, fingerprint, weight, loss ('' = none), gradients, max bytes,
-# the id of a new round, how long after its opening an abandoned round goes (ms). Returns {kind, round id,
+# the id of a new round, how long after its opening an abandoned round goes (ms), the round's workers (a
+# full round takes no more, even before it is claimed). Returns {kind, round id,
 # the session's step, outcome}; see `Joined`.
 ROUND_JOIN_LUA = (
     _TTL_LUA
@@ -231,7 +232,8 @@ if open then
   local fp = redis.call('HGET', KEYS[7], 'f:' .. ARGV[2])
   if fp == ARGV[3] then return {'resent', rid, current, ''} end
   if fp then return {'other', rid, current, ''} end
-  if redis.call('HGET', KEYS[7], 'state') ~= 'open' then return {'closed', rid, current, ''} end
+  local full = tonumber(redis.call('HGET', KEYS[7], 'n')) >= tonumber(ARGV[10])
+  if full or redis.call('HGET', KEYS[7], 'state') ~= 'open' then return {'closed', rid, current, ''} end
   bytes = tonumber(redis.call('HGET', KEYS[7], 'bytes'))
 end
 bytes = bytes + string.len(ARGV[6])
@@ -707,7 +709,7 @@ class RedisStore:
     # -- synchronous rounds across replicas (RoundStore) --------------------------------------------
 
     async def round_join(
-        self, session_id: str, step: int, part: RoundPart, max_bytes: int, timeout: float
+        self, session_id: str, step: int, part: RoundPart, max_bytes: int, timeout: float, workers: int
     ) -> Joined:
         if not _valid(session_id):
             return Joined("gone")
@@ -721,6 +723,7 @@ class RedisStore:
             max_bytes,
             secrets.token_hex(8),
             round((timeout + ROUND_GRACE_SECONDS) * 1000),
+            workers,
         ]
         with _errors("round"):
             kind, rid, current, outcome = await self._round_join(keys=session_keys(session_id), args=args)

@@ -16,7 +16,7 @@ from redis.crc import key_slot
 
 from app.main import open_store
 from app.settings import Settings
-from app.store.base import StoreError
+from app.store.base import RoundPart, StoreError
 from app.store.redis import COMMIT_LUA, RedisStore, session_keys, tenant_key, tenant_sizes_key
 from app.wire import safetensors
 from tests.conftest import AppClient
@@ -364,3 +364,30 @@ async def test_the_api_on_redis(
     assert (await client.delete(f"/v1/sessions/{sid}")).status_code == 204
     assert (await client.get(f"/v1/sessions/{sid}")).status_code == 404
     assert not list(redis_db.scan_iter(match=f"optserve:{{{sid}}}*"))
+
+
+async def test_joining_a_round_in_redis(redis_server: RedisServer, redis_db: redis.Redis) -> None:
+    """The join script's answers: a new worker joins, the same request is a resend, another request of
+    the same worker is refused, a full round takes no more even before anyone claimed it, the byte budget
+    holds, another step is stale, and a session that is not there is gone."""
+    store = await open_redis(redis_server)
+    meta = new_meta("s_round")
+    await store.create(as_record(meta, new_engine()))
+
+    def part(worker: str, fingerprint: str = "f", size: int = 10) -> RoundPart:
+        return RoundPart(worker, fingerprint, 1.0, None, b"x" * size)
+
+    async def join(p: RoundPart, step: int = 0, session: str = "s_round", max_bytes: int = 100) -> str:
+        return (await store.round_join(session, step, p, max_bytes, 30.0, 2)).kind
+
+    assert await join(part("a")) == "joined"
+    assert await join(part("a")) == "resent"
+    assert await join(part("a", "g")) == "other"
+    assert await join(part("b", size=95)) == "full"  # 10 + 95 bytes > 100
+    assert await join(part("b")) == "joined"
+    assert await join(part("c")) == "closed"  # two of two: no third, claimed or not
+    assert await join(part("c"), step=1) == "stale"
+    assert await join(part("c"), session="s_nothing") == "gone"
+    assert int(redis_db.hget("optserve:{s_round}:round", "n")) == 2
+    assert sorted(redis_db.hkeys("optserve:{s_round}:roundgrads")) == [b"a", b"b"]
+    await store.close()
