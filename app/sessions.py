@@ -41,6 +41,7 @@ from app.store.base import (
     RoundStore,
     SessionMeta,
     SessionRecord,
+    SessionRow,
     Store,
     StoreError,
 )
@@ -173,11 +174,15 @@ class SessionInfo:
         }
 
 
-def summary(meta: SessionMeta, step: int, lr: list[float]) -> dict[str, Any]:
+def summary(row: SessionRow) -> dict[str, Any]:
+    meta = row.meta
     return {
         "id": meta.id,
-        "step": step,
-        "lr": lr,
+        "step": row.step,
+        "lr": row.lr,
+        "optimizer": row.optimizer,
+        "scheduler": row.scheduler,
+        "loss": row.loss,
         "created_at": meta.created_at,
         "updated_at": meta.updated_at,
         "metadata": meta.metadata,
@@ -464,8 +469,8 @@ class SessionService:
     async def list_sessions(self, tenant: str) -> list[dict[str, Any]]:
         rows = await self._guard(self.store.sessions_of(tenant))
         now = self.clock()
-        live = [r for r in rows if self.ttl is None or now - r[0].updated_at <= self.ttl]
-        return [summary(*row) for row in sorted(live, key=lambda r: r[0].created_at)]
+        live = [r for r in rows if self.ttl is None or now - r.meta.updated_at <= self.ttl]
+        return [summary(row) for row in sorted(live, key=lambda r: r.meta.created_at)]
 
     async def step(
         self,
@@ -555,11 +560,27 @@ class SessionService:
         metadata = {CHECKPOINT_KEY: json.dumps(saved), "step": str(engine.step_count)}
         return await render(tensors, metadata)
 
-    async def history(self, tenant: str, session_id: str, limit: int) -> list[dict[str, Any]]:
+    async def history(
+        self, tenant: str, session_id: str, limit: int, since: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The newest `limit` rows, or with `since` the first `limit` of the steps after it (oldest first)."""
         async with self._lock(session_id):
-            await self._load(tenant, session_id)
-            rows = await self._guard(self.store.history(session_id, limit))
+            await self._meta(tenant, session_id)
+            rows = await self._guard(self.store.history(session_id, limit, since))
         return [row.to_json() for row in rows]
+
+    async def schedule(self, tenant: str, session_id: str, steps: int) -> dict[str, Any]:
+        async with self._lock(session_id):
+            _, engine = await self._load(tenant, session_id)
+        # groups x steps scheduler advances: a thread when there are many
+        lr, knowable = await off_the_loop_if(steps * len(engine.groups) > 2_000, engine.schedule_ahead, steps)
+        start = engine.step_count
+        return {
+            "step": start,
+            "steps": list(range(start + 1, start + 1 + len(lr[0]))),
+            "lr": lr,
+            "depends_on_loss": not knowable,
+        }
 
     async def delete(self, tenant: str, session_id: str) -> None:
         """Needs only the session's meta: a session whose numerics cannot be loaded can still go."""

@@ -140,6 +140,7 @@ CREATE_RESPONSE[201]["links"] = {
         "putParams",
         "getCheckpoint",
         "getHistory",
+        "getSchedule",
         "deleteSession",
     )
 }
@@ -197,6 +198,7 @@ CHECKPOINT_RESPONSE = _answer(
     200, None, "parameters, state tensors; metadata: spec, step, scheduler state"
 ) | problems(*_SESSION, 406)
 HISTORY_RESPONSE = _answer(200, "History", None) | problems(*_SESSION, 406)
+SCHEDULE_RESPONSE = _answer(200, "Schedule", None) | problems(*_SESSION, 406)
 OPTIMIZERS_RESPONSE = _answer(200, "Optimizers", None) | problems(*_V1, 406)
 SCHEDULERS_RESPONSE = _answer(200, "Schedulers", None) | problems(*_V1, 406)
 PREVIEW_RESPONSE = _answer(200, "PreviewResult", None) | problems(*_V1, 400, 406, 408, 413, 503)

@@ -186,6 +186,9 @@ class SessionSummary(BaseModel):
     id: str
     step: Count
     lr: Lr
+    optimizer: str = Field(description="the optimizer's name")
+    scheduler: str | None = Field(description="the scheduler's name, or null")
+    loss: float | None = Field(description="the loss of the newest history record (null: none reported)")
     created_at: float
     updated_at: float
     metadata: dict[str, str]
@@ -231,6 +234,15 @@ class HistoryRecord(BaseModel):
 
 class History(BaseModel):
     steps: list[HistoryRecord]
+
+
+class Schedule(BaseModel):
+    step: Count = Field(description="the session's step now")
+    steps: list[int] = Field(description="the next steps, step + 1 onwards")
+    lr: list[list[float]] = Field(description="per group, the lr each of those steps will be taken with")
+    depends_on_loss: bool = Field(
+        description="true when the scheduler reads the loss (reduce_lr_on_plateau): its lr is shown held"
+    )
 
 
 class Hyperparameter(BaseModel):
@@ -305,6 +317,7 @@ MODELS: list[type[BaseModel]] = [
     SessionList,
     Session,
     History,
+    Schedule,
     Optimizers,
     Schedulers,
     Preview,

@@ -131,6 +131,27 @@ class Engine:
             "aggregation": self.options.get("aggregation"),
         }
 
+    def schedule_ahead(self, steps: int) -> tuple[list[list[float]], bool]:
+        """The lr of each group for each of the next `steps` steps, as the schedule will give them from
+        here (on copies: this engine is left as it is), and whether that was knowable: a scheduler that
+        reads the loss (reduce_lr_on_plateau) is shown holding its current lr."""
+        out: list[list[float]] = [[] for _ in self.groups]
+        groups = [dict(g) for g in self.groups]
+        scheduler = copy.deepcopy(self.scheduler)
+        depends_on_loss = scheduler is not None and scheduler.needs_metric
+        if scheduler is not None and not depends_on_loss:
+            scheduler.bind(groups)
+        per_epoch = self.options["steps_per_epoch"]
+        for t in range(steps):
+            for values, group in zip(out, groups, strict=True):
+                values.append(float(group["lr"]))
+            if scheduler is not None and not depends_on_loss and (self.step_count + t + 1) % per_epoch == 0:
+                try:
+                    advance_epoch(scheduler, [])
+                except (ArithmeticError, ValueError):
+                    break  # the session's next step would refuse this advance too: nothing beyond it
+        return out, not depends_on_loss
+
     # -- stepping ---------------------------------------------------------------------------------
 
     def check_tensors(self, tensors: Mapping[str, Array], prefix: str) -> None:

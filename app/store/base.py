@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -154,6 +154,33 @@ def decode(session_id: str, engine_json: str | bytes, blob: bytes) -> tuple[dict
     if not isinstance(engine, dict):
         raise CorruptRecord(session_id, "the engine description is not a JSON object")
     return engine, {name: np.asarray(value) for name, value in tensors.items()}
+
+
+class SessionRow(NamedTuple):
+    """A session as a listing shows it."""
+
+    meta: SessionMeta
+    step: int
+    lr: list[float]
+    optimizer: str
+    scheduler: str | None
+    loss: float | None
+    """The loss of the newest history row (None when it reported none, or there is none)."""
+
+
+def names_of(engine: Mapping[str, Any]) -> tuple[str, str | None]:
+    """The optimizer's and the scheduler's names in a record's engine description."""
+    options = engine.get("options") or {}
+    scheduler = options.get("scheduler")
+    return str(options.get("optimizer", {}).get("name", "")), scheduler.get("name") if scheduler else None
+
+
+def rows_since(rows: list[HistoryRow], limit: int, since: int | None) -> list[HistoryRow]:
+    """`Store.history`'s answer from rows oldest first: the newest `limit`, or the first `limit` after
+    step `since`."""
+    if since is None:
+        return rows[-limit:] if limit else []
+    return [r for r in rows if r.step > since][:limit]
 
 
 @dataclass(frozen=True)
@@ -317,10 +344,12 @@ class Store(Protocol):
 
     async def idempotency(self, session_id: str, key: str) -> IdempotencyRecord | None: ...
 
-    async def history(self, session_id: str, limit: int) -> list[HistoryRow]: ...
+    async def history(self, session_id: str, limit: int, since: int | None = None) -> list[HistoryRow]:
+        """The newest `limit` rows, oldest first; with `since`, the first `limit` rows of steps after it."""
+        ...
 
-    async def sessions_of(self, tenant: str) -> list[tuple[SessionMeta, int, list[float]]]:
-        """The tenant's sessions with their step and lr."""
+    async def sessions_of(self, tenant: str) -> list[SessionRow]:
+        """The tenant's sessions with their step, lr, optimizer and scheduler names and last loss."""
         ...
 
     async def delete(self, session_id: str) -> bool: ...

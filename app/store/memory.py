@@ -16,6 +16,9 @@ from app.store.base import (
     Quota,
     SessionMeta,
     SessionRecord,
+    SessionRow,
+    names_of,
+    rows_since,
 )
 
 
@@ -78,16 +81,21 @@ class MemoryStore:
         entry = self._entries.get(session_id)
         return None if entry is None else entry.keys.get(key)
 
-    async def history(self, session_id: str, limit: int) -> list[HistoryRow]:
+    async def history(self, session_id: str, limit: int, since: int | None = None) -> list[HistoryRow]:
         entry = self._entries.get(session_id)
         if entry is None:
             return []
-        rows = list(entry.history)
-        return rows[-limit:] if limit else []
+        return rows_since(list(entry.history), limit, since)
 
-    async def sessions_of(self, tenant: str) -> list[tuple[SessionMeta, int, list[float]]]:
+    async def sessions_of(self, tenant: str) -> list[SessionRow]:
         return [
-            (e.record.meta.copy(), e.record.step, e.record.lr)
+            SessionRow(
+                e.record.meta.copy(),
+                e.record.step,
+                e.record.lr,
+                *names_of(e.record.engine),
+                e.history[-1].loss if e.history else None,
+            )
             for e in self._entries.values()
             if e.record.meta.tenant == tenant
         ]

@@ -70,9 +70,11 @@ from app.store.base import (
     RoundPart,
     SessionMeta,
     SessionRecord,
+    SessionRow,
     StoreError,
     decode,
     encode,
+    names_of,
 )
 
 PREFIX = "optserve"
@@ -633,13 +635,26 @@ class RedisStore:
         fingerprint, step, lr, skipped, grad_norm = json.loads(raw)
         return IdempotencyRecord(key, fingerprint, step, lr, skipped, grad_norm)
 
-    async def history(self, session_id: str, limit: int) -> list[HistoryRow]:
+    async def history(self, session_id: str, limit: int, since: int | None = None) -> list[HistoryRow]:
         count = min(limit, self.history_limit)
         if not _valid(session_id) or count <= 0:
             return []
-        with _errors("history"):
-            rows = await self._client.lrange(session_keys(session_id)[2], -count, -1)
-        return [HistoryRow(*json.loads(r)) for r in rows]
+        key = session_keys(session_id)[2]
+        if since is None:
+            with _errors("history"):
+                rows = await self._client.lrange(key, -count, -1)
+            return [HistoryRow(*json.loads(r)) for r in rows]
+        # rows are in step order: read back from the newest, a chunk at a time, to the first after `since`
+        after: list[HistoryRow] = []
+        end = -1
+        while True:
+            with _errors("history"):
+                chunk = [HistoryRow(*json.loads(r)) for r in await self._client.lrange(key, end - 255, end)]
+            newer = [r for r in chunk if r.step > since]
+            after = newer + after
+            if len(newer) < len(chunk) or len(chunk) < 256:
+                return after[:count]
+            end -= 256
 
     async def _adopt_legacy_open_index(self, tenant: str) -> None:
         """Moves the open tenant's index from its keys of before (`{}`) to today's, once per process (a
@@ -658,7 +673,7 @@ class RedisStore:
             await self._client.delete(old_sizes)
         self._legacy_checked = True
 
-    async def sessions_of(self, tenant: str) -> list[tuple[SessionMeta, int, list[float]]]:
+    async def sessions_of(self, tenant: str) -> list[SessionRow]:
         await self._adopt_legacy_open_index(tenant)
         index = tenant_key(tenant)
         with _errors("list"):
@@ -666,22 +681,24 @@ class RedisStore:
             ids = [_text(i) for i in members if isinstance(i, bytes | str)]
             async with self._client.pipeline(transaction=False) as pipe:
                 for session_id in ids:
-                    pipe.hmget(session_keys(session_id)[0], list(META_FIELDS))
-                rows: list[list[bytes | None]] = await pipe.execute() if ids else []
-        found: list[tuple[SessionMeta, int, list[float]]] = []
+                    keys = session_keys(session_id)
+                    pipe.hmget(keys[0], [*META_FIELDS, "engine"])
+                    pipe.lindex(keys[2], -1)
+                answers: list[Any] = await pipe.execute() if ids else []
+        found: list[SessionRow] = []
         gone: list[str] = []
-        for session_id, row in zip(ids, rows, strict=True):
+        for session_id, row, newest in zip(ids, answers[0::2], answers[1::2], strict=True):
             if any(v is None for v in row):  # deleted or expired (or being created right now)
                 gone.append(session_id)
                 continue
-            values = [v for v in row if v is not None]
-            t, created, updated, metadata, version, step, lr = values
+            t, created, updated, metadata, version, step, lr, engine = row
             if _text(t) != tenant:
                 continue
             meta = SessionMeta(
                 session_id, tenant, float(created), float(updated), json.loads(metadata), int(version)
             )
-            found.append((meta, int(step), json.loads(lr)))
+            loss = None if newest is None else HistoryRow(*json.loads(newest)).loss
+            found.append(SessionRow(meta, int(step), json.loads(lr), *names_of(json.loads(engine)), loss))
         for start in range(0, len(gone), PRUNE_CHUNK):
             with _errors("list"):
                 await self._index_prune(

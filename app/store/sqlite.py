@@ -23,6 +23,7 @@ from app.store.base import (
     Quota,
     SessionMeta,
     SessionRecord,
+    SessionRow,
     StoreError,
     decode,
     encode,
@@ -265,25 +266,37 @@ class SqliteStore:
             return None
         return IdempotencyRecord(row[0], row[1], row[2], json.loads(row[3]), bool(row[4]), row[5])
 
-    async def history(self, session_id: str, limit: int) -> list[HistoryRow]:
+    async def history(self, session_id: str, limit: int, since: int | None = None) -> list[HistoryRow]:
+        count = min(limit, self.history_limit)
+
         def run(db: sqlite3.Connection) -> list[Any]:
+            columns = "SELECT step, lr, loss, grad_norm, skipped, time FROM history WHERE session_id = ?"
+            if since is None:
+                newest = db.execute(f"{columns} ORDER BY rowid DESC LIMIT ?", (session_id, count)).fetchall()
+                return list(reversed(newest))
+            # within the newest history_limit rows (older ones wait for the next prune)
             return db.execute(
-                "SELECT step, lr, loss, grad_norm, skipped, time FROM history WHERE session_id = ? "
-                "ORDER BY rowid DESC LIMIT ?",
-                (session_id, min(limit, self.history_limit)),
+                "SELECT step, lr, loss, grad_norm, skipped, time FROM ("
+                "SELECT rowid AS r, * FROM history WHERE session_id = ? ORDER BY rowid DESC LIMIT ?"
+                ") WHERE step > ? ORDER BY r LIMIT ?",
+                (session_id, self.history_limit, since, count),
             ).fetchall()
 
         rows = await self._call(run)
-        return [HistoryRow(r[0], json.loads(r[1]), r[2], r[3], bool(r[4]), r[5]) for r in reversed(rows)]
+        return [HistoryRow(r[0], json.loads(r[1]), r[2], r[3], bool(r[4]), r[5]) for r in rows]
 
-    async def sessions_of(self, tenant: str) -> list[tuple[SessionMeta, int, list[float]]]:
+    async def sessions_of(self, tenant: str) -> list[SessionRow]:
         def run(db: sqlite3.Connection) -> list[Any]:
             return db.execute(
-                f"SELECT {_META}, step, lr FROM sessions WHERE tenant = ?", (tenant,)
+                f"SELECT {_META}, step, lr, json_extract(engine, '$.options.optimizer.name'), "
+                "json_extract(engine, '$.options.scheduler.name'), "
+                "(SELECT loss FROM history h WHERE h.session_id = s.id ORDER BY h.rowid DESC LIMIT 1) "
+                "FROM sessions s WHERE tenant = ?",
+                (tenant,),
             ).fetchall()
 
         rows = await self._call(run)
-        return [(_meta(r), r[6], json.loads(r[7])) for r in rows]
+        return [SessionRow(_meta(r), r[6], json.loads(r[7]), r[8] or "", r[9], r[10]) for r in rows]
 
     async def delete(self, session_id: str) -> bool:
         def run(db: sqlite3.Connection) -> bool:

@@ -28,6 +28,7 @@ STATUSES: dict[tuple[str, str], set[int]] = {
     ("put", f"{SESSION}/params"): {200, 400, 401, 404, 406, 408, 413, 415, 422, 503},
     ("get", f"{SESSION}/checkpoint"): {200, 401, 404, 406, 422, 503},
     ("get", f"{SESSION}/history"): {200, 401, 404, 406, 422, 503},
+    ("get", f"{SESSION}/schedule"): {200, 401, 404, 406, 422, 503},
     ("get", "/v1/optimizers"): {200, 401, 406, 422},
     ("get", "/v1/schedulers"): {200, 401, 406, 422},
     ("post", "/v1/schedules/preview"): {200, 400, 401, 406, 408, 413, 422, 503},

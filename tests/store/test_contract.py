@@ -171,6 +171,20 @@ async def test_history_is_newest_last_limited_and_trimmed(make_store: MakeStore,
     assert [h.step for h in await store.history(meta.id, 2)] == [11, 12]
     assert await store.history(meta.id, 0) == []
     assert (await store.history(meta.id, 1))[0] == row(12)
+    # since: the first rows after a step, oldest first (what a live view polls for)
+    assert [h.step for h in await store.history(meta.id, 100, since=9)] == [10, 11, 12]
+    assert [h.step for h in await store.history(meta.id, 2, since=0)] == [8, 9]
+    assert await store.history(meta.id, 100, since=12) == []
+    assert await store.history("s_nothing", 100, since=0) == []
+
+
+async def test_history_since_reads_back_across_many_rows(make_store: MakeStore, kind: str) -> None:
+    store = await make_store(kind, history_limit=1000)
+    meta, engine = new_meta(), new_engine()
+    await store.create(as_record(meta, clone(engine)))
+    await commit_steps(store, meta, engine, 700)
+    assert [h.step for h in await store.history(meta.id, 1000, since=100)] == list(range(101, 701))
+    assert [h.step for h in await store.history(meta.id, 3, since=100)] == [101, 102, 103]
 
 
 async def test_idempotency_records_last_1000_steps_then_go(make_store: MakeStore, kind: str) -> None:
@@ -198,15 +212,15 @@ async def test_sessions_of_lists_a_tenants_sessions_with_step_and_lr(
     for meta in (a, b, c):
         await store.create(as_record(meta, new_engine()))
     await commit_steps(store, b, new_engine(), 3)
-    listed = {m.id: (m, step, lr) for m, step, lr in await store.sessions_of("t1")}
+    listed = {r.meta.id: r for r in await store.sessions_of("t1")}
     assert set(listed) == {"s_a", "s_b"}
-    assert listed["s_a"] == (a, 0, [0.5])
-    assert listed["s_b"][1:] == (3, [0.5])
-    assert listed["s_b"][0].version == 3
-    assert [m.id for m, _, _ in await store.sessions_of("t2")] == ["s_c"]
+    assert listed["s_a"] == (a, 0, [0.5], SPEC["optimizer"]["name"], None, None)  # no step: no loss
+    assert listed["s_b"][1:] == (3, [0.5], SPEC["optimizer"]["name"], None, 0.75)  # the newest row's loss
+    assert listed["s_b"].meta.version == 3
+    assert [r.meta.id for r in await store.sessions_of("t2")] == ["s_c"]
     assert await store.sessions_of("nobody") == []
     assert await store.delete("s_a")
-    assert [m.id for m, _, _ in await store.sessions_of("t1")] == ["s_b"]
+    assert [r.meta.id for r in await store.sessions_of("t1")] == ["s_b"]
 
 
 async def test_delete_removes_everything_of_the_session(make_store: MakeStore, kind: str) -> None:
@@ -246,7 +260,7 @@ async def test_creates_stay_within_the_tenants_quota(make_store: MakeStore, kind
     tight = Quota(sessions=100, nbytes=3 * one.nbytes + 200)
     with pytest.raises(QuotaExceeded, match="OPTSERVE_MAX_BYTES_PER_KEY"):
         await store.create(as_record(new_meta("s_big"), new_engine([0.0] * 1000)), tight)
-    assert {m.id for m, _, _ in await store.sessions_of("t1")} == {"s_q0", "s_q2", "s_q3"}
+    assert {r.meta.id for r in await store.sessions_of("t1")} == {"s_q0", "s_q2", "s_q3"}
 
 
 async def test_concurrent_creates_never_pass_the_quota_together(make_store: MakeStore, kind: str) -> None:

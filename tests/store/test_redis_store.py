@@ -68,7 +68,7 @@ async def test_the_open_tenants_index_of_before_is_adopted_and_its_keys_share_a_
     redis_db.rename(tenant_key(""), "optserve:tenant:{}:sessions")  # as a deployment of before left it
     redis_db.hset("optserve:tenant:{}:bytes", "s_before", 100)
     fresh = await open_redis(redis_server)
-    assert [m.id for m, _, _ in await fresh.sessions_of("")] == ["s_before"]
+    assert [r.meta.id for r in await fresh.sessions_of("")] == ["s_before"]
     assert not redis_db.exists("optserve:tenant:{}:sessions", "optserve:tenant:{}:bytes")
     assert redis_db.hget(tenant_sizes_key(""), "s_before") == b"100"
     await store.close()
@@ -125,7 +125,7 @@ async def test_an_expired_session_is_gone_and_leaves_the_index(
     store.index_grace = 0.0
     await store.create(as_record(new_meta("s_brief"), new_engine()))
     await store.create(as_record(new_meta("s_other", tenant="t2"), new_engine()))
-    assert [m.id for m, _, _ in await store.sessions_of("t1")] == ["s_brief"]
+    assert [r.meta.id for r in await store.sessions_of("t1")] == ["s_brief"]
     await asyncio.sleep(0.35)
     assert await store.load("s_brief") is None
     assert await store.version("s_brief") is None

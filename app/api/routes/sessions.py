@@ -19,6 +19,7 @@ from app.api.openapi import (
     PARAMS_BODY,
     PARAMS_RESPONSE,
     PUT_PARAMS_RESPONSE,
+    SCHEDULE_RESPONSE,
     SESSION_RESPONSE,
 )
 from app.optim.limits import MAX_SESSION_TENSORS
@@ -27,6 +28,7 @@ from app.wire.common import PARAM_DTYPES
 from app.wire.negotiate import SAFETENSORS, NotAcceptable, request_format, response_format
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+MAX_SCHEDULE_STEPS = 10_000
 
 
 def _formats(request: Request) -> tuple[bodies.Format, bodies.Format]:
@@ -121,9 +123,35 @@ async def history(
     service: Service,
     tenant: Tenant,
     limit: Annotated[int, Query(ge=0, le=100_000)] = 1000,
+    since: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            description="only the records of steps after this one, the first `limit` of them (what a live "
+            "view polls for); without it, the newest `limit`",
+        ),
+    ] = None,
 ) -> Response:
-    """Per-step records, newest last."""
-    return bodies.json_response({"steps": await service.history(tenant, session_id, limit)})
+    """Per-step records, oldest first. A record's `lr` is the lr after its step: the lr the next step is
+    taken with (as torch's `get_last_lr()` after `scheduler.step()`)."""
+    return bodies.json_response({"steps": await service.history(tenant, session_id, limit, since)})
+
+
+@router.get(
+    "/{session_id}/schedule",
+    responses=SCHEDULE_RESPONSE,
+    dependencies=[JsonAnswer],
+    operation_id="getSchedule",
+)
+async def schedule(
+    session_id: str,
+    service: Service,
+    tenant: Tenant,
+    steps: Annotated[int, Query(ge=1, le=MAX_SCHEDULE_STEPS)] = 100,
+) -> Response:
+    """The lr the session's schedule gives each of its next `steps` steps, from its state now (nothing is
+    changed)."""
+    return bodies.json_response(await service.schedule(tenant, session_id, steps))
 
 
 @router.delete("/{session_id}", status_code=204, responses=DELETE_RESPONSE, operation_id="deleteSession")
