@@ -35,12 +35,16 @@ NODE_STAMPS := $(addsuffix /node_modules/.installed,$(NODE_PROJECTS))
 
 install-test: $(TEST_STAMP) system-deps $(NODE_STAMPS)
 
-# redis-server backs the Redis store's tests, Node.js and npm the TypeScript ones; Debian's packages,
-# installed when missing (root in CI)
+# redis-server (and redis-cli, for the Redis Cluster) backs the Redis store's tests, Node.js and npm the
+# TypeScript ones, Chromium the dashboard's browser tests (driven by Playwright, never `playwright
+# install`); Debian's packages, installed when missing (root in CI)
 system-deps:
-	@command -v redis-server >/dev/null || { \
+	@{ command -v redis-server && command -v redis-cli; } >/dev/null || { \
 	  echo "installing redis-server (Debian package)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@test -x /usr/bin/chromium || { \
+	  echo "installing chromium (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	@{ command -v node && command -v npm; } >/dev/null || { \
 	  echo "installing nodejs and npm (Debian packages)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }

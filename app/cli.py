@@ -27,6 +27,9 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "store": args.store}.items() if v}
     settings = Settings(**overrides)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if settings.ui:
+        shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        print(f"optserve: the dashboard is at http://{shown}:{settings.port}/ui/", flush=True)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

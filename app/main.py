@@ -20,7 +20,7 @@ from app.api import errors
 from app.api.deps import InflightBytes
 from app.api.offload import Offload
 from app.api.openapi import COMPONENTS, STEP_OPERATION, secure
-from app.api.routes import catalogue, docs, health, sessions, step
+from app.api.routes import catalogue, docs, health, sessions, step, ui
 from app.memory import keep_freed_memory_for_reuse, trim_freed_memory
 from app.metrics import Metrics, MetricsMiddleware
 from app.optim import fused
@@ -143,6 +143,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (sessions.router, catalogue.router, health.router, docs.router):
         app.include_router(router)
     app.mount(docs.ASSETS_PATH, docs.assets, name="docs-assets")
+    if settings.ui:
+        app.router.routes.append(ui.redirect)
+        app.mount(ui.PATH, ui.assets, name="ui")
     app.add_middleware(step.StepFastPath)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     origins = settings.cors_origin_list()

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
         None,
         description="comma-separated origins whose pages may call the API (`*`: any); unset = none",
     )
+    ui: bool = Field(True, description="serve the dashboard at /ui/ (0: no dashboard)")
     session_ttl: float | None = Field(None, description="seconds of idleness after which a session expires")
     cache_bytes: int = Field(1 << 30, description="memory for live sessions cached over a durable store")
     history_limit: int = Field(10_000, description="history rows kept per session")

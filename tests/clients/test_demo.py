@@ -69,7 +69,9 @@ def test_demo_against_a_given_server_deletes_its_sessions(
 
     assert demo.main(argv) == 0
 
-    assert server.url in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert server.url in printed
+    assert f"{server.url}/ui/" in printed  # the dashboard, to watch the runs live
     with optserve.Client(server.url) as client:
         assert client.list_sessions() == []
 

@@ -350,7 +350,8 @@ def header(tasks: Sequence[Task], scheduler: str, url: str, local: bool) -> str:
         textwrap.fill(task.describe(), WIDTH, initial_indent=f"  {i}. ", subsequent_indent="     ")
         for i, task in enumerate(tasks, 1)
     ]
-    return "\n".join([textwrap.fill(intro, WIDTH), *items, ""])
+    watch = f"Watch the runs live on the dashboard: {url.rstrip('/')}/ui/"
+    return "\n".join([textwrap.fill(intro, WIDTH), *items, watch, ""])
 
 
 def table(runs: Sequence[Run]) -> str:
@@ -499,7 +500,8 @@ def fleet_main(args: argparse.Namespace, start: float) -> int:
             url = args.url or stack.enter_context(local_server())
             print(
                 f"optserve demo: the digits MLP, {epochs} epochs, 1 worker and {args.workers} workers "
-                f"({' and '.join(modes)}) through one session each, at {url}",
+                f"({' and '.join(modes)}) through one session each, at {url}; watch them live at "
+                f"{url.rstrip('/')}/ui/",
                 flush=True,
             )
             traces = fleet.run(url, args.workers, modes, epochs)
