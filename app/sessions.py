@@ -32,6 +32,7 @@ from app.optim.aggregate import Contribution, mean_loss, reduce
 from app.optim.base import Array
 from app.optim.engine import Engine, StepError, StepOutcome
 from app.optim.hparams import SpecError
+from app.optim.limits import MAX_SCHEDULE_POINTS
 from app.store.base import (
     CorruptRecord,
     HistoryRow,
@@ -572,6 +573,12 @@ class SessionService:
     async def schedule(self, tenant: str, session_id: str, steps: int) -> dict[str, Any]:
         async with self._lock(session_id):
             _, engine = await self._load(tenant, session_id)
+        groups = len(engine.groups)
+        if steps * groups > MAX_SCHEDULE_POINTS:
+            raise SpecError.one(
+                "steps",
+                f"{steps} steps x {groups} groups is {steps * groups} values; at most {MAX_SCHEDULE_POINTS}",
+            )
         # groups x steps scheduler advances: a thread when there are many
         lr, knowable = await off_the_loop_if(steps * len(engine.groups) > 2_000, engine.schedule_ahead, steps)
         start = engine.step_count

@@ -81,3 +81,22 @@ async def test_history_since_a_step_and_the_listings_summary(client: httpx.Async
     assert [(s["step"], s["loss"]) for s in listed] == [(5, 0.25)]
     missing = await client.get("/v1/sessions/s_nothing/history", params={"since": 0})
     assert missing.status_code == 404
+
+
+async def test_a_look_ahead_is_bounded_by_steps_times_groups(client: httpx.AsyncClient) -> None:
+    groups = [{"params": [f"p{i}"], "lr": 0.1} for i in range(20)]
+    spec = {
+        "optimizer": {"name": "sgd", "lr": 0.1},
+        "scheduler": {"name": "step_lr", "step_size": 3},
+        "params": {f"p{i}": [0.0] for i in range(20)},
+        "param_groups": groups,
+    }
+    created = await client.post("/v1/sessions", json=spec)
+    assert created.status_code == 201, created.text
+    sid = created.json()["id"]
+    refused = await client.get(f"/v1/sessions/{sid}/schedule", params={"steps": 10_000})  # 200,000 values
+    assert refused.status_code == 422
+    assert refused.json()["errors"][0]["field"] == "steps"
+    assert "at most 100000" in refused.json()["errors"][0]["message"]
+    fine = await client.get(f"/v1/sessions/{sid}/schedule", params={"steps": 5000})
+    assert len(fine.json()["lr"]) == 20

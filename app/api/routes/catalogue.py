@@ -13,6 +13,7 @@ from app.api.deps import Body, JsonAnswer, Tenant
 from app.api.openapi import OPTIMIZERS_RESPONSE, PREVIEW_RESPONSE, SCHEDULERS_RESPONSE, ref
 from app.api.schemas import Preview
 from app.optim.hparams import SpecError
+from app.optim.limits import MAX_SCHEDULE_POINTS
 from app.optim.preview import preview_schedule
 from app.optim.registry import optimizer_catalogue
 from app.optim.schedulers import scheduler_catalogue
@@ -20,8 +21,7 @@ from app.wire.envelopes import refuse_more_than
 from app.wire.negotiate import JSON, UnsupportedMediaType, request_format
 
 router = APIRouter(prefix="/v1", tags=["catalogue"])
-# steps x groups of one preview: about 0.1 s of Python (off the event loop) and a 2 MB answer
-MAX_PREVIEW_POINTS = 100_000
+MAX_PREVIEW_POINTS = MAX_SCHEDULE_POINTS
 # Numbers in a preview body (1,000 lrs, 100,000 losses, a spec), counted before pydantic parses it: that
 # holds the interpreter for the whole body (200 ms for a body of 2 million numbers, 7 ms for 100,000).
 MAX_PREVIEW_ITEMS = 110_000
