@@ -57,6 +57,13 @@ class RedisCluster:
         return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
 
     def start(self, timeout: float = 30.0) -> RedisCluster:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # no node outlives a cluster that did not come up
+            raise
+
+    def _start(self, timeout: float) -> RedisCluster:
         for node in self.nodes:
             node.start()
         cli = shutil.which("redis-cli")
