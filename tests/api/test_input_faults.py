@@ -244,7 +244,8 @@ async def test_a_stored_session_that_cannot_be_read_is_named_and_can_be_deleted(
         first = await make_client(store=store)
         broken, future, fine = [await create(first, W, **SGD) for _ in range(3)]
         with sqlite3.connect(tmp_path / "corrupt.db") as sql:
-            sql.execute("UPDATE sessions SET tensors = ? WHERE id = ?", (b"\x00garbage", broken))
+            (name,) = sql.execute("SELECT tensors_file FROM sessions WHERE id = ?", (broken,)).fetchone()
+            (tmp_path / "corrupt.db.tensors" / name).write_bytes(b"\x00garbage")  # its tensors' file
             sql.execute("UPDATE sessions SET engine = ? WHERE id = ?", (newer, future))
         sql.close()
     restarted = await make_client(store=store)

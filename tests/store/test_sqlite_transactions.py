@@ -3,7 +3,9 @@ rolls the whole commit back and leaves the database free for other sessions and 
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.store.base import StoreError
+from app.store.base import SessionMeta, SessionRecord, StoreError
 from app.store.sqlite import PRUNE_EVERY, SqliteStore
 from tests.store.test_contract import as_record, engine_of, new_engine, new_meta, record, row, stepped
 
@@ -37,7 +39,8 @@ class FailingAt:
 
 
 async def statements_of_a_commit(path: Path, version: int) -> list[str]:
-    """The statements one commit runs: BEGIN, the update, history, idempotency, pruning, COMMIT."""
+    """The statements one commit runs: the version check under the slot's lock (before anything is written
+    into the slot), then BEGIN, the update, history, idempotency, pruning, COMMIT."""
     store = SqliteStore(path)
     spy = FailingAt(store._db)
     store._db = spy  # type: ignore[assignment]
@@ -57,7 +60,7 @@ async def test_an_error_at_any_statement_rolls_the_commit_back(
 ) -> None:
     version = PRUNE_EVERY if pruning else 1
     statements = await statements_of_a_commit(tmp_path / "spy.db", version)
-    assert statements[0] == "BEGIN"
+    assert statements[:2] == ["SELECT", "BEGIN"]
     assert statements[-1] == "COMMIT"
     assert ("DELETE" in statements) == pruning
     for n in range(len(statements)):
@@ -92,3 +95,78 @@ async def test_an_error_at_any_statement_rolls_the_commit_back(
         assert await neighbour.commit(as_record(replace(other, version=2), stepped(engine)), 1, row(2), None)
         await neighbour.close()
         await store.close()
+
+
+def test_processes_sharing_the_file_race_on_one_session_and_readers_never_see_a_torn_state(
+    tmp_path: Path,
+) -> None:
+    """Three connections to one file (as three processes): two writers race to commit each next version of
+    one session, whose 2 MB tensor holds its version number everywhere, while a reader loads it without
+    pause. Every load is whole (its tensor says its own version), every version is committed exactly once,
+    and no slot write ever lands on the version that won."""
+    path = tmp_path / "shared.db"
+    numel = 250_000
+
+    def record_at(version: int) -> SessionRecord:
+        meta = SessionMeta("s_race", "t", 0.0, float(version), {}, version)
+        engine = {"step": version, "groups": [{"lr": 0.1}]}
+        return SessionRecord(meta, engine, {"w": np.full(numel, float(version))})
+
+    asyncio.run(SqliteStore(path).create(record_at(0)))
+    wins = [0, 0]
+    loads: list[int] = []
+    done = threading.Event()
+
+    def writer(i: int) -> None:
+        async def run() -> None:
+            store = SqliteStore(path)
+            for _ in range(40):
+                current = await store.load("s_race")
+                assert current is not None
+                v = current.meta.version
+                if await store.commit(record_at(v + 1), v, None, None):
+                    wins[i] += 1
+            await store.close()
+
+        asyncio.run(run())
+
+    def reader() -> None:
+        async def run() -> None:
+            store = SqliteStore(path)
+            while not done.is_set():
+                loaded = await store.load("s_race")
+                assert loaded is not None
+                assert np.all(loaded.tensors["w"] == loaded.meta.version), "a torn or mismatched state"
+                loads.append(loaded.meta.version)
+            await store.close()
+
+        asyncio.run(run())
+
+    errors: list[BaseException] = []
+
+    def guarded(fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(writer, i)) for i in range(2)]
+    watcher = threading.Thread(target=guarded, args=(reader,))
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    watcher.join()
+    assert errors == []
+    final = asyncio.run(SqliteStore(path).load("s_race"))
+    assert final is not None
+    assert final.meta.version == sum(wins)  # each version committed once
+    assert 40 <= sum(wins) < 80  # at least one writer wins each race, and they did race
+    assert np.all(final.tensors["w"] == final.meta.version)
+    assert len(loads) > 10
+    assert sorted(p.name for p in (tmp_path / "shared.db.tensors").iterdir()) == [
+        "s_race.0.safetensors",
+        "s_race.1.safetensors",
+    ]
