@@ -1,4 +1,6 @@
-"""A real server on SQLite, killed with SIGKILL at random points: every answered step survives."""
+"""A real server on SQLite, killed with SIGKILL at random points: every answered step survives. A small
+session, and one whose 8 MB state takes milliseconds to write into its slot, so that kills land mid-write
+too."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import torch
 from torch.optim.lr_scheduler import StepLR
 
@@ -17,32 +20,37 @@ from tests.api.helpers import TorchTwin
 from tests.system.server import Server
 
 ST = "application/vnd.safetensors"
-SHAPES = {"w": (64, 32), "b": (32,)}
+SMALL = {"w": (64, 32), "b": (32,)}
+LARGE = {"w": (512, 512), "b": (512,)}  # float64 Adam with amsgrad: 4 x 2 MB of state
 
 
-def grads_for(t: int) -> dict[str, np.ndarray]:
+def grads_for(t: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(t)
-    return {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    return {k: rng.standard_normal(s) for k, s in shapes.items()}
 
 
 def torch_params(init: dict[str, np.ndarray], steps: int) -> dict[str, np.ndarray]:
     twin = TorchTwin(init, torch.optim.Adam, partial(StepLR, step_size=7, gamma=0.8), lr=0.01, amsgrad=True)
+    shapes = {k: v.shape for k, v in init.items()}
     for t in range(steps):
-        twin.step(grads_for(t))
+        twin.step(grads_for(t, shapes))
     return twin.params()
 
 
-def send_step(client: httpx.Client, url: str, t: int) -> httpx.Response:
-    body = safetensors.encode_bytes(grads_for(t), {"step": str(t)})
+def send_step(client: httpx.Client, url: str, t: int, shapes: dict[str, tuple[int, ...]]) -> httpx.Response:
+    body = safetensors.encode_bytes(grads_for(t, shapes), {"step": str(t)})
     return client.post(
         url, content=body, headers={"Content-Type": ST, "Idempotency-Key": f"step-{t}"}, timeout=10
     )
 
 
-def test_sigkill_at_random_points_loses_no_answered_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shapes", [SMALL, LARGE], ids=["small", "8 MB state"])
+def test_sigkill_at_random_points_loses_no_answered_step(
+    tmp_path: Path, shapes: dict[str, tuple[int, ...]]
+) -> None:
     store = f"sqlite:///{tmp_path}/durable.db"
     rng = np.random.default_rng(1)
-    init = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    init = {k: rng.standard_normal(s) for k, s in shapes.items()}
     chooser = random.Random(7)
     server = Server(store, log=tmp_path / "server.log").start()
     with httpx.Client(base_url=server.url) as client:
@@ -64,7 +72,7 @@ def test_sigkill_at_random_points_loses_no_answered_step(tmp_path: Path) -> None
         with httpx.Client(base_url=server.url) as client:
             while True:
                 try:
-                    r = send_step(client, url, t)
+                    r = send_step(client, url, t, shapes)
                 except httpx.TransportError:
                     break  # killed mid-request: this step may or may not have been committed
                 assert r.status_code == 200, r.text
@@ -81,7 +89,7 @@ def test_sigkill_at_random_points_loses_no_answered_step(tmp_path: Path) -> None
             assert current <= t + 1
             if current == t + 1:
                 # the in-flight step was committed before the kill; its retry must be a replay
-                replay = send_step(client, url, t)
+                replay = send_step(client, url, t, shapes)
                 assert replay.headers.get("idempotent-replayed") == "true"
                 answered[t + 1] = {k: np.array(v) for k, v in safetensors.decode(replay.content)[0].items()}
                 t += 1
