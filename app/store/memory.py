@@ -17,6 +17,7 @@ from app.store.base import (
     SessionMeta,
     SessionRecord,
     SessionRow,
+    StoreError,
     names_of,
     rows_since,
 )
@@ -38,6 +39,8 @@ class MemoryStore:
         self._history_limit = history_limit
 
     async def create(self, record: SessionRecord, quota: Quota | None = None) -> None:
+        if record.meta.id in self._entries:
+            raise StoreError(f"session id {record.meta.id!r} already exists")
         if quota is not None:
             held = [e.record for e in self._entries.values() if e.record.meta.tenant == record.meta.tenant]
             refusal = quota.refusal(len(held), sum(r.nbytes for r in held), record.nbytes)

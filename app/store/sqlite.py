@@ -91,6 +91,10 @@ CREATE TABLE IF NOT EXISTS idempotency (
 """
 
 
+class SessionExists(StoreError):
+    """A create of an id that is taken (nothing was written)."""
+
+
 def _meta(row: Any) -> SessionMeta:
     return SessionMeta(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
 
@@ -194,11 +198,12 @@ class SqliteStore:
         fd = self._open_slot(name)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if expected_version is not None:
-                with self._lock:
-                    row = self._select("SELECT version FROM sessions WHERE id = ?", meta.id)
-                if row is None or row[0] != expected_version:
-                    return False  # the slot may hold the version that won: it is not touched
+            with self._lock:
+                row = self._select("SELECT version FROM sessions WHERE id = ?", meta.id)
+            if expected_version is None and row is not None:  # a create: the slot is another session's
+                raise SessionExists(f"session id {meta.id!r} already exists")
+            if expected_version is not None and (row is None or row[0] != expected_version):
+                return False  # the slot may hold the version that won: it is not touched
             size = self._write_slot(fd, record.tensors)
 
             def run(db: sqlite3.Connection) -> bool:
@@ -280,8 +285,14 @@ class SqliteStore:
 
         try:
             await anyio.to_thread.run_sync(self._write, record, None, insert)
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite: {exc}") from exc
+        except SessionExists:
+            raise  # the slot is that session's: left alone
+        except BaseException as exc:
+            # nothing names the new session's slot (refused over quota, or the store failed): it goes
+            await anyio.to_thread.run_sync(self._remove, self.slot(meta.id, meta.version))
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"SQLite: {exc}") from exc
+            raise
 
     async def load(self, session_id: str) -> SessionRecord | None:
         row = await anyio.to_thread.run_sync(self._read, session_id)

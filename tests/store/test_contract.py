@@ -20,6 +20,7 @@ from app.store.base import (
     SessionMeta,
     SessionRecord,
     Store,
+    StoreError,
 )
 from tests.store.conftest import STORES, MakeStore
 
@@ -278,3 +279,16 @@ async def test_concurrent_creates_never_pass_the_quota_together(make_store: Make
     results = await asyncio.gather(*(attempt(i) for i in range(10)))
     assert sum(results) == 3
     assert len(await stores[0].sessions_of("t1")) == 3
+
+
+async def test_a_create_of_a_taken_id_fails_and_leaves_that_session_whole(
+    make_store: MakeStore, kind: str
+) -> None:
+    store = await make_store(kind)
+    meta = new_meta("s_taken")
+    await store.create(as_record(meta, new_engine([1.0, 2.0])))
+    with pytest.raises(StoreError):
+        await store.create(as_record(meta, new_engine([7.0, 7.0])))
+    kept = await store.load("s_taken")
+    assert kept is not None
+    np.testing.assert_array_equal(engine_of(kept).params["w"], [1.0, 2.0])

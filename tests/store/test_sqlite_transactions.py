@@ -4,6 +4,7 @@ rolls the whole commit back and leaves the database free for other sessions and 
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 from dataclasses import replace
@@ -13,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.store.base import SessionMeta, SessionRecord, StoreError
-from app.store.sqlite import PRUNE_EVERY, SqliteStore
+from app.store.base import Quota, QuotaExceeded, SessionMeta, SessionRecord, StoreError, encode
+from app.store.sqlite import PRUNE_EVERY, SCHEMA, SqliteStore
 from tests.store.test_contract import as_record, engine_of, new_engine, new_meta, record, row, stepped
 
 
@@ -170,3 +171,43 @@ def test_processes_sharing_the_file_race_on_one_session_and_readers_never_see_a_
         "s_race.0.safetensors",
         "s_race.1.safetensors",
     ]
+
+
+async def test_a_database_of_before_is_read_as_it_is_and_its_rows_move_to_slots_as_they_are_written(
+    tmp_path: Path,
+) -> None:
+    """A database written before the slot files: no tensors_file or nbytes column, every row's tensors
+    inline. It opens (the columns are added), its rows load, count for quotas, and move to a slot file at
+    their next write; the others stay as they were."""
+    path = tmp_path / "before.db"
+    old_schema = SCHEMA  # the sessions table of before had exactly these columns
+    assert "tensors_file" not in old_schema
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema)
+        for sid, values in (("s_moving", [1.0, 2.0]), ("s_staying", [3.0, 4.0])):
+            rec = as_record(new_meta(sid), new_engine(values))
+            engine_json, blob = encode(rec)
+            db.execute(
+                "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (sid, "t1", 1.0, 1.0, "{}", 0, rec.step, json.dumps(rec.lr), engine_json, blob),
+            )
+    db.close()
+    store = SqliteStore(path)
+    moving = await store.load("s_moving")
+    assert moving is not None
+    np.testing.assert_array_equal(engine_of(moving).params["w"], [1.0, 2.0])
+    refused = await store.sessions_of("t1")
+    assert len(refused) == 2
+    quota = Quota(sessions=10, nbytes=moving.nbytes * 2)  # the inline rows count by their blobs' length
+    with pytest.raises(QuotaExceeded):
+        await store.create(as_record(new_meta("s_new"), new_engine([5.0, 6.0])), quota)
+    stepped_engine = stepped(engine_of(moving))
+    assert await store.commit(as_record(replace(moving.meta, version=1), stepped_engine), 0, row(1), None)
+    again = await store.load("s_moving")
+    assert again is not None
+    np.testing.assert_array_equal(engine_of(again).params["w"], stepped_engine.params["w"])
+    staying = await store.load("s_staying")
+    assert staying is not None
+    np.testing.assert_array_equal(engine_of(staying).params["w"], [3.0, 4.0])
+    assert [p.name for p in (tmp_path / "before.db.tensors").iterdir()] == ["s_moving.1.safetensors"]
+    await store.close()
