@@ -19,9 +19,22 @@ def total_norm(grads: Sequence[Array]) -> float:
     return float(_l2(norms))
 
 
+CHUNK = 1 << 16
+
+
 def _l2(v: Array) -> Any:
-    # what np.linalg.norm computes for a real vector, without its dispatch (a step calls this per tensor)
-    return np.sqrt(np.dot(v, v))
+    """sqrt of the sum of squares, summed in an order fixed by numpy's pairwise summation over chunks of
+    CHUNK elements: the same bits on every CPU. (BLAS's dot, which np.linalg.norm uses, sums in the order
+    of whichever kernel the CPU gets, so a clipped step moved by ulps between machines.)"""
+    if v.size <= CHUNK:
+        return np.sqrt(np.add.reduce(v * v))
+    square = np.empty(CHUNK, v.dtype)
+    partial = np.empty(-(-v.size // CHUNK), v.dtype)
+    for i, start in enumerate(range(0, v.size, CHUNK)):
+        part = v[start : start + CHUNK]
+        np.multiply(part, part, out=square[: part.size])
+        partial[i] = np.add.reduce(square[: part.size])
+    return np.sqrt(np.add.reduce(partial))
 
 
 def clip_by_value(grads: Sequence[Array], clip_value: float) -> list[Array]:
