@@ -152,17 +152,43 @@ class Client(BaseClient):
         return self._request(_calls.health())
 
 
-class Session:
-    """A session on the server. `info` is its description as last read (creation, `refresh()`,
-    `set_params()`); `step()` does not update it."""
+class _SessionBase:
+    """What `Session` and `AsyncSession` share: the client, the description, and how a step is called."""
 
-    def __init__(self, client: Client, info: SessionInfo) -> None:
+    client: Client | AsyncClient
+
+    def __init__(self, client: Client | AsyncClient, info: SessionInfo) -> None:
         self.client = client
         self.info = info
 
     @property
     def id(self) -> str:
         return self.info.id
+
+    def _step_of(
+        self,
+        grads: Mapping[str, npt.ArrayLike],
+        loss: float | None,
+        expected_step: int | None,
+        return_params: bool,
+        worker: str | None,
+        weight: float | None,
+        step: int | None,
+        idempotency_key: str | None,
+    ) -> Call[StepResult]:
+        expected = _calls.expected(expected_step, step)
+        wire, info = self.client.wire, self.info
+        return _calls.step(wire, info, grads, loss, expected, return_params, worker, weight, idempotency_key)
+
+
+class Session(_SessionBase):
+    """A session on the server. `info` is its description as last read (creation, `refresh()`,
+    `set_params()`); `step()` does not update it."""
+
+    client: Client
+
+    def __init__(self, client: Client, info: SessionInfo) -> None:
+        super().__init__(client, info)
 
     def __repr__(self) -> str:
         return f"Session({self.id!r})"
@@ -186,17 +212,7 @@ class Session:
         `expected_step` (`weight` for weighted_mean): it returns when the round is applied, with the round's
         step. `idempotency_key` resends a step made before, e.g. by a worker process that restarted: the
         same key and gradients are answered again, never applied twice (one is made up when not given)."""
-        call = _calls.step(
-            self.client.wire,
-            self.info,
-            grads,
-            loss,
-            _calls.expected(expected_step, step),
-            return_params,
-            worker,
-            weight,
-            idempotency_key,
-        )
+        call = self._step_of(grads, loss, expected_step, return_params, worker, weight, step, idempotency_key)
         return self.client._request(call)
 
     def params(self) -> dict[str, Array]:
@@ -344,16 +360,13 @@ class AsyncClient(BaseClient):
         return await self._request(_calls.health())
 
 
-class AsyncSession:
+class AsyncSession(_SessionBase):
     """`Session` with `async`/`await`."""
 
-    def __init__(self, client: AsyncClient, info: SessionInfo) -> None:
-        self.client = client
-        self.info = info
+    client: AsyncClient
 
-    @property
-    def id(self) -> str:
-        return self.info.id
+    def __init__(self, client: AsyncClient, info: SessionInfo) -> None:
+        super().__init__(client, info)
 
     def __repr__(self) -> str:
         return f"AsyncSession({self.id!r})"
@@ -371,17 +384,7 @@ class AsyncSession:
         idempotency_key: str | None = None,
     ) -> StepResult:
         """See `Session.step`."""
-        call = _calls.step(
-            self.client.wire,
-            self.info,
-            grads,
-            loss,
-            _calls.expected(expected_step, step),
-            return_params,
-            worker,
-            weight,
-            idempotency_key,
-        )
+        call = self._step_of(grads, loss, expected_step, return_params, worker, weight, step, idempotency_key)
         return await self.client._request(call)
 
     async def params(self) -> dict[str, Array]:

@@ -232,13 +232,17 @@ test("the README's example runs as written", async () => {
   }
 });
 
-test("workers contribute to a synchronous round and all get its one step", async () => {
-  const client = connect();
-  const created = await client.createSession({
+/** An SGD (lr 1) session on w = [0, 0] whose steps are rounds of two workers. */
+const twoWorkerRounds = (client) =>
+  client.createSession({
     params: { w: [0, 0] },
     optimizer: { name: "sgd", lr: 1 },
     aggregation: { mode: "sync", workers: 2, timeout: 30 },
   });
+
+test("workers contribute to a synchronous round and all get its one step", async () => {
+  const client = connect();
+  const created = await twoWorkerRounds(client);
   const [a, b] = [created, await client.getSession(created.id)];
   const results = await Promise.all([
     a.step({ w: [1, 2] }, { expectedStep: 0, worker: "a" }),
@@ -253,11 +257,7 @@ test("workers contribute to a synchronous round and all get its one step", async
 
 test("a Worker tracks its rounds, and catches up when its gradient came too late", async () => {
   const client = connect();
-  const rounds = await client.createSession({
-    params: { w: [0, 0] },
-    optimizer: { name: "sgd", lr: 1 },
-    aggregation: { mode: "sync", workers: 2, timeout: 30 },
-  });
+  const rounds = await twoWorkerRounds(client);
   const workers = [new Worker(rounds, "a"), new Worker(await client.getSession(rounds.id), "b")];
   for (let t = 0; t < 3; t++) {
     const results = await Promise.all(workers.map((w, i) => w.step({ w: [i + 1, i + 1] }, { loss: i })));
