@@ -30,13 +30,14 @@ import orjson
 from app.optim import checkpoint
 from app.optim.aggregate import Contribution, mean_loss, reduce
 from app.optim.base import Array
-from app.optim.engine import Engine, StepError, StepOutcome
+from app.optim.engine import Engine, PreparedStep, StepError, StepOutcome
 from app.optim.hparams import SpecError
 from app.optim.limits import MAX_SCHEDULE_POINTS
 from app.store.base import (
     CorruptRecord,
     HistoryRow,
     IdempotencyRecord,
+    LoggedStep,
     Quota,
     RoundOutcome,
     RoundStore,
@@ -125,6 +126,9 @@ class Written:
     idempotency: IdempotencyRecord | None = None
     round: RoundOutcome | None = None
     """A synchronous round's step on a store of replicas: its outcome commits with it."""
+    logged: LoggedStep | None = None
+    """The step that made `engine` from the session's state, when it redoes exactly (the store may keep it
+    instead of the whole state)."""
 
 
 @dataclass
@@ -149,6 +153,17 @@ class RoundResult:
     outcome: StepOutcome
     params: Mapping[str, Array]
     fingerprints: dict[str, str]
+
+
+def rebuild(record: SessionRecord) -> Engine:
+    """The engine a stored record describes: its state, with the steps logged since redone in order."""
+    engine = checkpoint.restore(record.tensors, record.engine)
+    for logged in record.log:
+        prepared = PreparedStep(
+            dict(logged.grads), logged.loss, logged.grad_norm, logged.skipped, logged.staleness
+        )
+        engine, _ = engine.advance(prepared)
+    return engine
 
 
 def record_of(meta: SessionMeta, engine: Engine) -> SessionRecord:
@@ -329,8 +344,8 @@ class SessionService:
                 raise NotFound(session_id)
             await self._check_owner(tenant, record.meta)
             try:
-                engine = await anyio.to_thread.run_sync(checkpoint.restore, record.tensors, record.engine)
-            except SpecError as exc:
+                engine = await anyio.to_thread.run_sync(rebuild, record)
+            except (SpecError, StepError) as exc:
                 raise UnreadableSession(session_id, str(exc)) from None
             cached = (record.meta, engine)
             self._remember(*cached)
@@ -372,7 +387,9 @@ class SessionService:
                 record = record_of(new_meta, written.engine)
                 try:
                     if written.round is None:
-                        commit = self.store.commit(record, meta.version, written.history, written.idempotency)
+                        commit = self.store.commit(
+                            record, meta.version, written.history, written.idempotency, written.logged
+                        )
                     else:
                         assert isinstance(self.store, RoundStore)
                         assert written.history is not None
@@ -507,8 +524,11 @@ class SessionService:
                 assert expected_step is not None
                 raise StepConflict(expected_step, engine.step_count, engine.options.get("aggregation"))
 
+            prepared: list[PreparedStep] = []
+
             def work() -> tuple[Engine, StepOutcome]:
-                return engine.advance(engine.prepare(grads, loss, staleness))
+                prepared.append(engine.prepare(grads, loss, staleness))
+                return engine.advance(prepared[0])
 
             following, outcome = await self._run(engine, work)
             answer = await render(outcome, following.params, False)
@@ -520,7 +540,17 @@ class SessionService:
                 keyed = IdempotencyRecord(
                     idempotency_key, fingerprint, outcome.step, outcome.lr, outcome.skipped, grad_norm
                 )
-            return Written(following, history, keyed)
+            step_input = prepared[0]
+            logged = None
+            if engine.replayable:
+                logged = LoggedStep(
+                    step_input.grads,
+                    step_input.loss,
+                    step_input.grad_norm,
+                    step_input.skipped,
+                    step_input.staleness,
+                )
+            return Written(following, history, keyed, logged=logged)
 
         answers: list[tuple[StepOutcome, T]] = []
         result = await self._transact(tenant, session_id, write)

@@ -17,6 +17,7 @@ from app.optim.base import Optimizer
 from app.optim.engine import Engine
 from app.sessions import SessionService
 from app.store.base import SessionRecord
+from app.wire import safetensors
 from tests.api.helpers import ST, create, params_of, step
 from tests.conftest import AppClient
 from tests.system.redis_server import RedisServer
@@ -90,8 +91,13 @@ async def snapshot(client: httpx.AsyncClient, sid: str) -> tuple[Any, ...]:
 
 
 def stored(record: SessionRecord) -> tuple[Any, ...]:
+    """The record's bytes: meta version, engine, tensors, and the steps logged since (a store that logs)."""
     tensors = {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in record.tensors.items()}
-    return record.meta.version, dict(record.engine), tensors
+    log = [
+        ({k: (v.dtype.str, v.shape, v.tobytes()) for k, v in s.grads.items()}, s.loss, s.grad_norm, s.skipped)
+        for s in record.log
+    ]
+    return record.meta.version, dict(record.engine), tensors, log
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -171,6 +177,6 @@ async def test_a_failed_parameter_write_changes_nothing(
 
 
 def before_w(before: tuple[Any, ...]) -> np.ndarray:
-    _, _, tensors = before[3]
-    dtype, shape, raw = tensors["params/w"]
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    """The parameter as the checkpoint taken before showed it."""
+    tensors, _ = safetensors.decode(before[0])
+    return np.asarray(tensors["params/w"])

@@ -116,6 +116,13 @@ class Engine:
     def lr(self) -> list[float]:
         return [float(g["lr"]) for g in self.groups]
 
+    @property
+    def replayable(self) -> bool:
+        """Whether `advance` redoes a prepared step to the same bits on any CPU: elementwise IEEE arithmetic
+        and numpy's fixed-order sums do (tests/optim/test_dispatch.py pins it across numpy's and OpenBLAS'
+        dispatch); Muon's matrix products follow the CPU's BLAS kernel, so its steps are not redone."""
+        return self.optimizer.name != "muon"
+
     def describe(self) -> dict[str, Any]:
         """The spec with every default filled in, current group hyperparameters, parameter shapes."""
         declared = {p.name for p in self.optimizer.hparams}

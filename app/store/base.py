@@ -78,13 +78,49 @@ class IdempotencyRecord:
 
 
 @dataclass(frozen=True)
+class LoggedStep:
+    """A step as the engine applied it (a prepared step: gradients cast and clipped, the norm, the staleness):
+    what redoes the step exactly from the state before it. A store may keep these instead of writing the
+    whole state at every step (see `SessionRecord.log`)."""
+
+    grads: Mapping[str, Array]
+    loss: float | None
+    grad_norm: float
+    skipped: bool
+    staleness: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(g.nbytes) for g in self.grads.values())
+
+    def encode(self) -> list[bytes | memoryview]:
+        """As safetensors parts (the arrays' own memory, no copy), its scalars in the metadata."""
+        scalars = [self.loss, self.grad_norm, self.skipped, self.staleness]
+        return safetensors.encode(self.grads, {"step": json.dumps(scalars)})
+
+    @classmethod
+    def decode(cls, session_id: str, blob: bytes) -> LoggedStep:
+        try:
+            grads, metadata = safetensors.decode(blob, PARAM_DTYPES)
+            loss, grad_norm, skipped, staleness = json.loads(metadata["step"])
+        except (ValueError, KeyError, TypeError, WireError) as exc:
+            raise CorruptRecord(session_id, f"a logged step: {exc}") from None
+        return cls(grads, loss, float(grad_norm), bool(skipped), int(staleness))
+
+
+@dataclass(frozen=True)
 class SessionRecord:
     """A session as stored. The arrays are never written after they are recorded (a step makes new ones),
-    so a record may share them with the live engine it was taken from."""
+    so a record may share them with the live engine it was taken from.
+
+    `log`: the steps taken since the state `engine` and `tensors` describe, oldest first; the session is
+    that state with these steps redone (`meta` is the session's now). Empty unless the store keeps steps
+    (commit's `logged`)."""
 
     meta: SessionMeta
     engine: Mapping[str, Any]
     tensors: Mapping[str, Array]
+    log: tuple[LoggedStep, ...] = ()
 
     @property
     def step(self) -> int:
@@ -337,9 +373,12 @@ class Store(Protocol):
         expected_version: int,
         history: HistoryRow | None,
         idempotency: IdempotencyRecord | None,
+        logged: LoggedStep | None = None,
     ) -> bool:
         """Writes the record, its history row and idempotency record in one transaction, if the stored
-        version is still `expected_version`; False (nothing written) otherwise."""
+        version is still `expected_version`; False (nothing written) otherwise. `logged`, when given, is
+        the step that made the record from the one at `expected_version`: a store may keep that (and write
+        the whole state later) instead of the record's arrays."""
         ...
 
     async def idempotency(self, session_id: str, key: str) -> IdempotencyRecord | None: ...

@@ -13,6 +13,7 @@ from app.store.base import (
     IDEMPOTENCY_STEPS,
     HistoryRow,
     IdempotencyRecord,
+    LoggedStep,
     Quota,
     SessionMeta,
     SessionRecord,
@@ -66,6 +67,7 @@ class MemoryStore:
         expected_version: int,
         history: HistoryRow | None,
         idempotency: IdempotencyRecord | None,
+        logged: LoggedStep | None = None,
     ) -> bool:
         entry = self._entries.get(record.meta.id)
         if entry is None or entry.record.meta.version != expected_version:

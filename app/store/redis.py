@@ -61,9 +61,11 @@ from redis.exceptions import RedisError
 from app.store.base import (
     IDEMPOTENCY_STEPS,
     Claim,
+    CorruptRecord,
     HistoryRow,
     IdempotencyRecord,
     Joined,
+    LoggedStep,
     Quota,
     QuotaExceeded,
     RoundOutcome,
@@ -76,6 +78,7 @@ from app.store.base import (
     encode,
     names_of,
 )
+from app.wire import safetensors
 
 PREFIX = "optserve"
 WRITES_KEPT = 64
@@ -104,6 +107,19 @@ ROUNDS_KEPT = 16
 ROUND_GRACE_SECONDS = 60.0
 """A round's contributions expire this long after its timeout (or its closer's lease): an abandoned round
 (every contributor gone, nobody to close it) does not hold Redis' memory for longer."""
+LOG_RATIO = 4.0
+"""A step writes its (prepared) gradients, not the whole state, while the steps logged since the state in
+`tensors` hold fewer bytes than this many times the state; past that a snapshot of the state is written in
+the background (off the request path), and past twice that the step writes the whole state itself."""
+LOG_STEPS = 32
+"""...and while they are fewer than this many steps (twice this: the step writes the whole state). So a
+load (another replica, a restart) redoes at most 2 * LOG_STEPS steps from at most (1 + 2 * LOG_RATIO) times
+the state's bytes."""
+CHUNK_BYTES = 1 << 20
+"""Large values go to Redis as lists of chunks of about this size, one RPUSH each: Redis (7.0, AOF on)
+takes several times longer per byte for one 40 MB argument than for forty of 1 MB."""
+STAGING_MS = 60_000
+"""A staged write that never committed (its connection broke between the MULTI's commands) expires."""
 ROUND_CHANNEL = "optserve:rounds"
 """Classic pub/sub (a Redis Cluster carries it to every node): "<sid> <rid>" when a round is claimed or
 ends, "<sid> *" when the session goes."""
@@ -135,6 +151,32 @@ local function keep_results(kept)
 end
 """
 
+# The steps logged after the state in `tensors` (see COMMIT_LUA): versions snap+1 .. v, one list each,
+# named by the prefix in ARGV[21] (commit) or ARGV[4] (snapshot) and the version.
+_LOG_LUA = """
+local function log_prefix()
+  if #KEYS == 4 then return ARGV[4] end
+  return ARGV[21]
+end
+local function log_bytes(snap, v)
+  local total = 0
+  for i = snap + 1, v do total = total + tonumber(redis.call('HGET', KEYS[1], 'ls:' .. i) or 0) end
+  return total
+end
+local function drop_log(snap, v)
+  for i = snap + 1, v do
+    redis.call('DEL', log_prefix() .. i)
+    redis.call('HDEL', KEYS[1], 'ls:' .. i)
+  end
+end
+local function log_ttl(snap, v, ms)
+  for i = snap + 1, v do
+    local key = log_prefix() .. i
+    if ms > 0 then redis.call('PEXPIRE', key, ms) else redis.call('PERSIST', key) end
+  end
+end
+"""
+
 # KEYS: the session keys. ARGV: nonce, ttl_ms, writes_kept, tenant, created_at, updated_at,
 # metadata, version, step, lr, engine, blob. Returns 1 (created, or this very create already ran), 0 (the
 # id is taken).
@@ -157,25 +199,48 @@ return 1
 """
 )
 
-# KEYS: the session keys. ARGV: nonce, ttl_ms, writes_kept, expected_version, version, updated_at,
-# metadata, step, lr, engine, blob, has_history ('1'/'0'), history_row, history_limit, has_idem ('1'/'0'),
-# idem_key, idem_record, idem_step, idem_horizon, expected_writer ('' = unknown), then for a round's step
-# (has_round '1'/'0'): rid, its outcome, the round, results kept, channel, message. Returns 1 (committed, or
-# this very commit already was), 0 (stale: nothing written), -1 (no such session: nothing written).
+# KEYS: the session keys, then the staging key (a list: the chunks of what this write stores, put there in
+# the same MULTI). ARGV: nonce, ttl_ms, writes_kept, expected_version, version, updated_at, metadata, step,
+# lr, engine, kind ('full': the staging list is the whole state; 'log': it is the step that made this
+# version), has_history ('1'/'0'), history_row, history_limit, has_idem ('1'/'0'), idem_key, idem_record,
+# idem_step, idem_horizon, expected_writer ('' = unknown), the log keys' prefix, the staged bytes, then for
+# a round's step (has_round '1'/'0'): rid, its outcome, the round, results kept, channel, message.
+# Returns {1 (committed, or this very commit already was) | 0 (stale: nothing written) | -1 (no such
+# session: nothing written), steps logged since the state in `tensors`, their bytes}.
 # `writer` is the nonce of the write that made the current state: when the caller knows which write its
 # state came from, a state with the same version number made by another write (Redis lost acknowledged
 # writes in a crash or a failover, and others wrote since) is stale too.
+# The whole state is in `tensors` as of version `snap`; each later version v has its step in the list
+# `<prefix>v` (and its size in the meta field `ls:<v>`), and `snapengine` is the engine of version `snap`.
 COMMIT_LUA = (
     _TTL_LUA
+    + _LOG_LUA
     + """
 local current = redis.call('HGET', KEYS[1], 'version')
-if not current then return -1 end
-if redis.call('LPOS', KEYS[6], ARGV[1]) then return 1 end
-if tonumber(current) ~= tonumber(ARGV[4]) then return 0 end
-if ARGV[20] ~= '' and redis.call('HGET', KEYS[1], 'writer') ~= ARGV[20] then return 0 end
-redis.call('HSET', KEYS[1], 'version', ARGV[5], 'updated_at', ARGV[6], 'metadata', ARGV[7],
-  'step', ARGV[8], 'lr', ARGV[9], 'engine', ARGV[10], 'writer', ARGV[1])
-redis.call('SET', KEYS[2], ARGV[11])
+if not current then redis.call('DEL', KEYS[11]); return {-1, 0, 0} end
+current = tonumber(current)
+local snap = tonumber(redis.call('HGET', KEYS[1], 'snap') or current)
+if redis.call('LPOS', KEYS[6], ARGV[1]) then
+  redis.call('DEL', KEYS[11])
+  return {1, current - snap, log_bytes(snap, current)}
+end
+if current ~= tonumber(ARGV[4]) then redis.call('DEL', KEYS[11]); return {0, 0, 0} end
+if ARGV[20] ~= '' and redis.call('HGET', KEYS[1], 'writer') ~= ARGV[20] then
+  redis.call('DEL', KEYS[11]); return {0, 0, 0}
+end
+local version = tonumber(ARGV[5])
+if ARGV[11] == 'log' then
+  if snap == current then redis.call('HSET', KEYS[1], 'snapengine', redis.call('HGET', KEYS[1], 'engine')) end
+  redis.call('RENAME', KEYS[11], ARGV[21] .. version)
+  redis.call('HSET', KEYS[1], 'ls:' .. version, ARGV[22])
+else
+  redis.call('RENAME', KEYS[11], KEYS[2])
+  drop_log(snap, current)
+  redis.call('HDEL', KEYS[1], 'snapengine')
+  snap = version
+end
+redis.call('HSET', KEYS[1], 'version', version, 'updated_at', ARGV[6], 'metadata', ARGV[7],
+  'step', ARGV[8], 'lr', ARGV[9], 'engine', ARGV[10], 'writer', ARGV[1], 'snap', snap)
 if ARGV[12] == '1' then
   redis.call('RPUSH', KEYS[3], ARGV[13])
   redis.call('LTRIM', KEYS[3], -tonumber(ARGV[14]), -1)
@@ -193,22 +258,71 @@ while true do
 end
 redis.call('LPUSH', KEYS[6], ARGV[1])
 redis.call('LTRIM', KEYS[6], 0, tonumber(ARGV[3]) - 1)
-if ARGV[21] == '1' then
+if ARGV[23] == '1' then
   redis.call('DEL', KEYS[7], KEYS[8])
-  redis.call('HSET', KEYS[9], ARGV[22], ARGV[23], 'step:' .. ARGV[24], ARGV[22])
-  redis.call('LPUSH', KEYS[10], ARGV[22], 'step:' .. ARGV[24])
-  keep_results(tonumber(ARGV[25]))
-  redis.call('PUBLISH', ARGV[26], ARGV[27])
+  redis.call('HSET', KEYS[9], ARGV[24], ARGV[25], 'step:' .. ARGV[26], ARGV[24])
+  redis.call('LPUSH', KEYS[10], ARGV[24], 'step:' .. ARGV[26])
+  keep_results(tonumber(ARGV[27]))
+  redis.call('PUBLISH', ARGV[28], ARGV[29])
 end
-apply_ttl(tonumber(ARGV[2]))
+local ms = tonumber(ARGV[2])
+apply_ttl(ms)
+log_ttl(snap, version, ms)
+return {1, version - snap, log_bytes(snap, version)}
+"""
+)
+
+# KEYS: meta, tensors, writes, staging (the whole state of version v, in chunks). ARGV: v, the nonce of the
+# write that made v, the engine of v, the log keys' prefix. Makes the staged state the session's `tensors`
+# and drops the steps logged up to v, if v is newer than `tensors` and was written in this session's line
+# of writes (not lost in a crash, and still among the last writes kept): 1; else 0, nothing changed.
+SNAPSHOT_LUA = (
+    _LOG_LUA
+    + """
+local current = redis.call('HGET', KEYS[1], 'version')
+local v = tonumber(ARGV[1])
+if not current or not redis.call('LPOS', KEYS[3], ARGV[2]) then redis.call('DEL', KEYS[4]); return 0 end
+current = tonumber(current)
+local snap = tonumber(redis.call('HGET', KEYS[1], 'snap') or current)
+if v <= snap or v > current then redis.call('DEL', KEYS[4]); return 0 end
+redis.call('RENAME', KEYS[4], KEYS[2])
+local ms = redis.call('PTTL', KEYS[1])
+if ms > 0 then redis.call('PEXPIRE', KEYS[2], ms) else redis.call('PERSIST', KEYS[2]) end
+drop_log(snap, v)
+if v == current then
+  redis.call('HDEL', KEYS[1], 'snapengine')
+else
+  redis.call('HSET', KEYS[1], 'snapengine', ARGV[3])
+end
+redis.call('HSET', KEYS[1], 'snap', v)
 return 1
 """
 )
 
-# KEYS: the session keys. ARGV: channel, message. Returns the tenant of the deleted session, or nil when
-# there was none; wakes the waiters of its round.
+# KEYS: meta, tensors. ARGV: the log keys' prefix. Returns {} (no session), or {the meta as HGETALL gives
+# it, the chunks of `tensors` (one when it is a string, as sessions created before the log are), then the
+# chunks of each logged step after `snap`, oldest first}: one consistent read.
+LOAD_LUA = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return {} end
+local kind = redis.call('TYPE', KEYS[2])['ok']
+local state = {}
+if kind == 'string' then state = {redis.call('GET', KEYS[2])}
+elseif kind == 'list' then state = redis.call('LRANGE', KEYS[2], 0, -1) end
+local out = {fields, state}
+local current = tonumber(redis.call('HGET', KEYS[1], 'version'))
+local snap = tonumber(redis.call('HGET', KEYS[1], 'snap') or current)
+for v = snap + 1, current do out[#out + 1] = redis.call('LRANGE', ARGV[1] .. v, 0, -1) end
+return out
+"""
+
+# KEYS: the session keys. ARGV: channel, message, the log keys' prefix. Returns the tenant of the deleted
+# session, or nil when there was none; wakes the waiters of its round.
 DELETE_LUA = """
 local tenant = redis.call('HGET', KEYS[1], 'tenant')
+local current = tonumber(redis.call('HGET', KEYS[1], 'version') or 0)
+local snap = tonumber(redis.call('HGET', KEYS[1], 'snap') or current)
+for v = snap + 1, current do redis.call('DEL', ARGV[3] .. v) end
 redis.call('DEL', unpack(KEYS))
 if tenant then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return tenant
@@ -339,8 +453,41 @@ return {1, held, bytes}
 
 
 def session_keys(session_id: str) -> list[str]:
-    """Every key of a session, all under the hash tag `{session_id}` (one Redis Cluster slot)."""
+    """Every key of a session, all under the hash tag `{session_id}` (one Redis Cluster slot), but the
+    logged steps' (`log_prefix`) and staged writes'."""
     return [f"{PREFIX}:{{{session_id}}}:{suffix}" for suffix in SUFFIXES]
+
+
+def log_prefix(session_id: str) -> str:
+    """`log_prefix(sid) + str(v)` is the list holding the step that made version v."""
+    return f"{PREFIX}:{{{session_id}}}:log:"
+
+
+def staging_key(session_id: str, nonce: str) -> str:
+    return f"{PREFIX}:{{{session_id}}}:staging:{nonce}"
+
+
+def chunks(parts: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    """`parts` (safetensors.encode's) as pieces of at most CHUNK_BYTES: large parts cut into views, small
+    ones (headers, small tensors) joined, so that thousands of small tensors do not make thousands of
+    commands."""
+    out: list[bytes | memoryview] = []
+    pending = bytearray()
+    for part in parts:
+        view = memoryview(part).cast("B")
+        if len(view) < CHUNK_BYTES // 16:
+            pending += view
+            if len(pending) >= CHUNK_BYTES:
+                out.append(bytes(pending))
+                pending.clear()
+            continue
+        if pending:
+            out.append(bytes(pending))
+            pending.clear()
+        out.extend(view[start : start + CHUNK_BYTES] for start in range(0, len(view), CHUNK_BYTES))
+    if pending or not out:
+        out.append(bytes(pending))
+    return out
 
 
 OPEN_TAG = "open"
@@ -410,10 +557,13 @@ class RedisStore:
         self._client = client
         # (version, writer nonce) of the state of each session this process last loaded or wrote: what
         # the service's cache holds. See `version` and the commit script.
-        self._seen: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        # With it, how many steps (and bytes) are logged after the state in `tensors`.
+        self._seen: OrderedDict[str, tuple[int, bytes, int, int]] = OrderedDict()
+        self._snapshots: dict[str, asyncio.Task[None]] = {}
         self._create = client.register_script(CREATE_LUA)
         self._commit = client.register_script(COMMIT_LUA)
         self._delete = client.register_script(DELETE_LUA)
+        self._load = client.register_script(LOAD_LUA)
         self._index_add = client.register_script(INDEX_ADD_LUA)
         self._index_reserve = client.register_script(INDEX_RESERVE_LUA)
         self._index_prune = client.register_script(INDEX_PRUNE_LUA)
@@ -452,8 +602,10 @@ class RedisStore:
             client = aioredis.Redis.from_url(url, health_check_interval=30, **options)
         return cls(client, history_limit, ttl)
 
-    def _note(self, session_id: str, version: int, writer: bytes) -> None:
-        self._seen[session_id] = (version, writer)
+    def _note(
+        self, session_id: str, version: int, writer: bytes, logged: int = 0, log_bytes: int = 0
+    ) -> None:
+        self._seen[session_id] = (version, writer, logged, log_bytes)
         self._seen.move_to_end(session_id)
         while len(self._seen) > SEEN_LIMIT:
             self._seen.popitem(last=False)
@@ -514,18 +666,27 @@ class RedisStore:
             return None
         keys = session_keys(session_id)
         with _errors("load"):
-            # one MULTI/EXEC: the meta and the tensors of the same version (and of the same expiry)
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hgetall(keys[0])
-                pipe.get(keys[1])
-                fields, blob = await pipe.execute()
-        if not fields or blob is None:
+            # one script: the meta, the state and the steps logged since, all of the same version
+            answer = await self._load(keys=keys[:2], args=[log_prefix(session_id)])
+        if not answer or not answer[1]:
             return None
-        row = {_text(k): v for k, v in fields.items()}
+        flat = answer[0]
+        row = {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
         meta = _meta(session_id, row)
-        engine, tensors = await anyio.to_thread.run_sync(decode, session_id, row["engine"], blob)
-        self._note(session_id, meta.version, row.get("writer", b""))
-        return SessionRecord(meta, engine, tensors)
+        snap = int(row.get("snap", meta.version))
+        if len(answer) - 2 != meta.version - snap:
+            raise CorruptRecord(session_id, f"{len(answer) - 2} logged steps, not {meta.version - snap}")
+        engine_json = row["snapengine"] if snap != meta.version else row["engine"]
+
+        def read() -> tuple[dict[str, Any], dict[str, Any], tuple[LoggedStep, ...]]:
+            engine, tensors = decode(session_id, engine_json, b"".join(answer[1]))
+            log = tuple(LoggedStep.decode(session_id, b"".join(step)) for step in answer[2:])
+            return engine, tensors, log
+
+        engine, tensors, log = await anyio.to_thread.run_sync(read)
+        log_bytes = sum(int(row.get(f"ls:{v}", 0)) for v in range(snap + 1, meta.version + 1))
+        self._note(session_id, meta.version, row.get("writer", b""), len(log), log_bytes)
+        return SessionRecord(meta, engine, tensors, log)
 
     async def meta(self, session_id: str) -> SessionMeta | None:
         if not _valid(session_id):
@@ -558,8 +719,9 @@ class RedisStore:
         expected_version: int,
         history: HistoryRow | None,
         idempotency: IdempotencyRecord | None,
+        logged: LoggedStep | None = None,
     ) -> bool:
-        return await self._commit_with(record, expected_version, history, idempotency, ["0"])
+        return await self._commit_with(record, expected_version, history, idempotency, ["0"], logged)
 
     async def commit_round(
         self, record: SessionRecord, expected_version: int, history: HistoryRow, outcome: RoundOutcome
@@ -575,7 +737,7 @@ class RedisStore:
             ROUND_CHANNEL,
             f"{sid} {outcome.round_id}",
         ]
-        return await self._commit_with(record, expected_version, history, None, ending)
+        return await self._commit_with(record, expected_version, history, None, ending, None)
 
     async def _commit_with(
         self,
@@ -584,13 +746,26 @@ class RedisStore:
         history: HistoryRow | None,
         idempotency: IdempotencyRecord | None,
         ending: list[str | int],
+        logged: LoggedStep | None,
     ) -> bool:
+        """The commit script after the write's payload is staged, in one MULTI: the step alone (`logged`)
+        while the log is short, else the whole state."""
         meta, step = record.meta, record.step
         if not _valid(meta.id):
             return False
-        engine_json, blob = await anyio.to_thread.run_sync(encode, record)
-        nonce = secrets.token_hex(8)
         seen = self._seen.get(meta.id)
+        known = seen if seen is not None and seen[0] == expected_version else None
+        state_bytes = record.nbytes
+        adding = 0 if logged is None else logged.nbytes
+        log_full = known is not None and (
+            known[2] >= 2 * LOG_STEPS or known[3] + adding > 2 * LOG_RATIO * state_bytes
+        )
+        if log_full:
+            logged = None  # the background snapshots fell behind: this step writes the state
+        parts = safetensors.encode(record.tensors, None) if logged is None else logged.encode()
+        staged = chunks(parts)
+        size = safetensors.encoded_size(parts)
+        nonce = secrets.token_hex(8)
         args: list[str | int | bytes] = [
             nonce,
             self.ttl_ms,
@@ -601,8 +776,8 @@ class RedisStore:
             json.dumps(meta.metadata),
             step,
             json.dumps(record.lr),
-            engine_json,
-            blob,
+            json.dumps(record.engine),
+            "full" if logged is None else "log",
             "0" if history is None else "1",
             "" if history is None else _history_json(history),
             self.history_limit,
@@ -611,19 +786,76 @@ class RedisStore:
             "" if idempotency is None else _record_json(idempotency),
             0 if idempotency is None else idempotency.step,
             step - IDEMPOTENCY_STEPS,
-            seen[1] if seen is not None and seen[0] == expected_version else b"",
+            known[1] if known is not None else b"",
+            log_prefix(meta.id),
+            size,
             *ending,
         ]
-        if await self._run_commit(meta.id, args) != 1:
+        status, count, log_bytes = await self._run_commit(meta.id, args, staged)
+        if status != 1:
             return False
-        self._note(meta.id, meta.version, nonce.encode())
+        self._note(meta.id, meta.version, nonce.encode(), count, log_bytes)
+        if count >= LOG_STEPS or log_bytes > LOG_RATIO * state_bytes:
+            self._snapshot_later(record, nonce)
         return True
 
-    async def _run_commit(self, session_id: str, args: Sequence[str | int | bytes]) -> int:
-        """The commit script; `args[0]` is the write's nonce (running it twice writes once)."""
+    async def _run_commit(
+        self, session_id: str, args: Sequence[str | int | bytes], staged: Sequence[bytes | memoryview]
+    ) -> tuple[int, int, int]:
+        """`staged` into the staging list, then the commit script, in one MULTI; `args[0]` is the write's
+        nonce (running it twice writes once). The script's answer: status, steps logged, their bytes."""
+        staging = staging_key(session_id, _text(args[0]) if isinstance(args[0], bytes | str) else "")
         with _errors("commit"):
-            result = await self._commit(keys=session_keys(session_id), args=list(args))
-        return int(result)
+            async with self._client.pipeline(transaction=True) as pipe:
+                for chunk in staged:
+                    pipe.rpush(staging, chunk)
+                pipe.pexpire(staging, STAGING_MS)
+                pipe.eval(COMMIT_LUA, len(SUFFIXES) + 1, *session_keys(session_id), staging, *args)
+                answers = await pipe.execute()
+        status, count, log_bytes = (int(v) for v in answers[-1])
+        return status, count, log_bytes
+
+    def _snapshot_later(self, record: SessionRecord, nonce: str) -> None:
+        """Writes the record's whole state in the background (one at a time per session), so that the log
+        since the last one is dropped; a failure leaves the log as it was, to the next try."""
+        sid = record.meta.id
+        if sid in self._snapshots:
+            return
+        task = asyncio.get_running_loop().create_task(self._snapshot(record, nonce))
+        self._snapshots[sid] = task
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._snapshots.pop(sid, None)
+            if not finished.cancelled():
+                finished.exception()  # retrieved: a failed snapshot only means a longer log
+
+        task.add_done_callback(done)
+
+    async def _snapshot(self, record: SessionRecord, nonce: str) -> None:
+        sid = record.meta.id
+        staging = staging_key(sid, secrets.token_hex(8))
+        keys = session_keys(sid)
+        staged = chunks(safetensors.encode(record.tensors, None))
+        async with self._client.pipeline(transaction=True) as pipe:
+            for chunk in staged:
+                pipe.rpush(staging, chunk)
+            pipe.pexpire(staging, STAGING_MS)
+            pipe.eval(
+                SNAPSHOT_LUA,
+                4,
+                keys[0],
+                keys[1],
+                keys[5],
+                staging,
+                record.meta.version,
+                nonce,
+                json.dumps(record.engine),
+                log_prefix(sid),
+            )
+            answers = await pipe.execute()
+        seen = self._seen.get(sid)
+        if answers[-1] == 1 and seen is not None and seen[0] == record.meta.version:
+            self._note(sid, seen[0], seen[1])
 
     async def idempotency(self, session_id: str, key: str) -> IdempotencyRecord | None:
         if not _valid(session_id):
@@ -712,7 +944,7 @@ class RedisStore:
             return False
         with _errors("delete"):
             tenant = await self._delete(
-                keys=session_keys(session_id), args=[ROUND_CHANNEL, f"{session_id} *"]
+                keys=session_keys(session_id), args=[ROUND_CHANNEL, f"{session_id} *", log_prefix(session_id)]
             )
         self._seen.pop(session_id, None)
         if tenant is None:
@@ -815,6 +1047,10 @@ class RedisStore:
             await self._client.ping()
 
     async def close(self) -> None:
+        for task in list(self._snapshots.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await task
         await self._signals.close()
         with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()

@@ -38,6 +38,7 @@ from app.store.base import (
     IDEMPOTENCY_STEPS,
     HistoryRow,
     IdempotencyRecord,
+    LoggedStep,
     Quota,
     SessionMeta,
     SessionRecord,
@@ -360,6 +361,7 @@ class SqliteStore:
         expected_version: int,
         history: HistoryRow | None,
         idempotency: IdempotencyRecord | None,
+        logged: LoggedStep | None = None,
     ) -> bool:
         meta, step = record.meta, record.step
         engine_json = json.dumps(record.engine)

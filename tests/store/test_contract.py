@@ -11,10 +11,11 @@ import pytest
 
 from app.optim.checkpoint import restore
 from app.optim.engine import Engine
-from app.sessions import record_of
+from app.sessions import rebuild, record_of
 from app.store.base import (
     HistoryRow,
     IdempotencyRecord,
+    LoggedStep,
     Quota,
     QuotaExceeded,
     SessionMeta,
@@ -292,3 +293,43 @@ async def test_a_create_of_a_taken_id_fails_and_leaves_that_session_whole(
     kept = await store.load("s_taken")
     assert kept is not None
     np.testing.assert_array_equal(engine_of(kept).params["w"], [1.0, 2.0])
+
+
+def logged_step(engine: Engine, t: int) -> tuple[Engine, LoggedStep]:
+    """The engine after step t (float32 Adam, a skipped NaN step at t == 3) and that step as logged."""
+    grads = {"w": np.random.default_rng(t).standard_normal(64).astype(np.float32)}
+    if t == 3:
+        grads["w"][5] = np.nan
+    prepared = engine.prepare(grads, loss=float(t))
+    following, _ = engine.advance(prepared)
+    return following, LoggedStep(
+        prepared.grads, prepared.loss, prepared.grad_norm, prepared.skipped, prepared.staleness
+    )
+
+
+async def test_a_record_committed_with_its_logged_steps_loads_as_that_record(
+    make_store: MakeStore, kind: str
+) -> None:
+    """A store may keep the steps instead of the state (Redis does): whatever it keeps, what it loads is
+    the state the last commit named, bit for bit, after every kind of write in between."""
+    store = await make_store(kind)
+    spec = {"optimizer": {"name": "adam", "lr": 0.01}, "nonfinite": "skip"}
+    engine = Engine.create(spec, {"w": np.linspace(-1, 1, 64, dtype=np.float32), "b": np.ones(3)})
+    meta = new_meta("s_logged")
+    await store.create(as_record(meta, engine))
+    for t in range(12):
+        if t == 7:  # a write that is not a step: the whole state
+            following, logged = engine.with_params({"b": np.full(3, 2.0)}), None
+        else:
+            following, logged = logged_step(engine, t)
+        new = replace(meta, version=meta.version + 1)
+        assert await store.commit(as_record(new, following), meta.version, row(t + 1), None, logged)
+        meta, engine = new, following
+        loaded = await store.load("s_logged")
+        assert loaded is not None
+        assert loaded.meta.version == meta.version
+        rebuilt = rebuild(loaded)
+        want, want_meta = engine.snapshot()
+        got, got_meta = rebuilt.snapshot()
+        assert got_meta == want_meta
+        assert {k: v.tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in want.items()}

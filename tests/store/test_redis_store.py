@@ -15,9 +15,12 @@ import redis
 from redis.crc import key_slot
 
 from app.main import open_store
+from app.optim.engine import Engine
+from app.sessions import rebuild
 from app.settings import Settings
-from app.store.base import RoundPart, StoreError
-from app.store.redis import COMMIT_LUA, RedisStore, session_keys, tenant_key, tenant_sizes_key
+from app.store import redis as redis_store
+from app.store.base import CorruptRecord, RoundPart, SessionMeta, StoreError
+from app.store.redis import COMMIT_LUA, RedisStore, log_prefix, session_keys, tenant_key, tenant_sizes_key
 from app.wire import safetensors
 from tests.conftest import AppClient
 from tests.store.test_contract import (
@@ -25,6 +28,7 @@ from tests.store.test_contract import (
     clone,
     commit_steps,
     engine_of,
+    logged_step,
     new_engine,
     new_meta,
     record,
@@ -162,18 +166,22 @@ async def test_a_retried_commit_is_recognised_not_applied_twice(
     def args(nonce: str, expected: int, step: int) -> list[str | int | bytes]:
         return [
             nonce, 0, 64, expected, expected + 1, repr(time.time()), "{}", step, "[0.5]",
-            json.dumps(engine_meta), blob, "1", '[1, [0.5], null, 1.0, false, 1.0]', 10_000,
-            "1", "key", '["fp", 1, [0.5], false, 1.0]', step, step - 1000, "",
+            json.dumps(engine_meta), "full", "1", '[1, [0.5], null, 1.0, false, 1.0]', 10_000,
+            "1", "key", '["fp", 1, [0.5], false, 1.0]', step, step - 1000, "", log_prefix("s_retry"),
+            len(blob), "0",
         ]  # fmt: skip
 
-    assert await store._run_commit("s_retry", args("nonce-a", 0, 1)) == 1
-    assert await store._run_commit("s_retry", args("nonce-a", 0, 1)) == 1  # the retry: already done
+    async def commit(nonce: str, expected: int, step: int) -> int:
+        return (await store._run_commit("s_retry", args(nonce, expected, step), [blob]))[0]
+
+    assert await commit("nonce-a", 0, 1) == 1
+    assert await commit("nonce-a", 0, 1) == 1  # the retry: already done
     assert await store.version("s_retry") == 1
     assert len(await store.history("s_retry", 100)) == 1
-    assert await store._run_commit("s_retry", args("nonce-b", 0, 1)) == 0  # another writer: stale
+    assert await commit("nonce-b", 0, 1) == 0  # another writer: stale
     # even after other writers moved on, the late retry is still recognised
-    assert await store._run_commit("s_retry", args("nonce-c", 1, 2)) == 1
-    assert await store._run_commit("s_retry", args("nonce-a", 0, 1)) == 1
+    assert await commit("nonce-c", 1, 2) == 1
+    assert await commit("nonce-a", 0, 1) == 1
     assert await store.version("s_retry") == 2
     assert len(await store.history("s_retry", 100)) == 2
     assert redis_db.llen(session_keys("s_retry")[5]) == 3  # create + two commits
@@ -390,4 +398,108 @@ async def test_joining_a_round_in_redis(redis_server: RedisServer, redis_db: red
     assert await join(part("c"), session="s_nothing") == "gone"
     assert int(redis_db.hget("optserve:{s_round}:round", "n")) == 2
     assert sorted(redis_db.hkeys("optserve:{s_round}:roundgrads")) == [b"a", b"b"]
+    await store.close()
+
+
+async def commit_logged(
+    store: RedisStore, meta: SessionMeta, engine: Engine, steps: range
+) -> tuple[SessionMeta, Engine]:
+    for t in steps:
+        following, logged = logged_step(engine, t)
+        new = replace(meta, version=meta.version + 1)
+        assert await store.commit(as_record(new, following), meta.version, row(t + 1), None, logged)
+        meta, engine = new, following
+    return meta, engine
+
+
+def log_keys(redis_db: redis.Redis, session_id: str) -> list[int]:
+    prefix = log_prefix(session_id).encode()
+    return sorted(int(k[len(prefix) :]) for k in redis_db.scan_iter(match=prefix + b"*"))
+
+
+def adam_session(session_id: str) -> tuple[SessionMeta, Engine]:
+    spec = {"optimizer": {"name": "adam", "lr": 0.01}, "nonfinite": "skip"}
+    return new_meta(session_id), Engine.create(spec, {"w": np.linspace(-1, 1, 64, dtype=np.float32)})
+
+
+async def test_steps_are_logged_then_folded_into_a_snapshot_in_the_background(
+    redis_server: RedisServer, redis_db: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step stores its prepared gradients (one list per version), not the state; once LOG_STEPS are
+    logged the state is written behind the answer and the log up to it dropped. No staged write lingers."""
+    monkeypatch.setattr(redis_store, "LOG_STEPS", 4)
+    store = await open_redis(redis_server)
+    meta, engine = adam_session("s_log")
+    await store.create(as_record(meta, engine))
+    meta, engine = await commit_logged(store, meta, engine, range(3))
+    assert log_keys(redis_db, "s_log") == [1, 2, 3]
+    assert int(redis_db.hget(session_keys("s_log")[0], "snap") or -1) == 0
+    meta, engine = await commit_logged(store, meta, engine, range(3, 4))  # the 4th: a snapshot follows
+    await asyncio.gather(*store._snapshots.values())
+    assert log_keys(redis_db, "s_log") == []
+    assert int(redis_db.hget(session_keys("s_log")[0], "snap") or -1) == 4
+    assert not [f for f in redis_db.hkeys(session_keys("s_log")[0]) if f.startswith(b"ls:")]
+    assert redis_db.hget(session_keys("s_log")[0], "snapengine") is None
+    meta, engine = await commit_logged(store, meta, engine, range(4, 6))
+    assert log_keys(redis_db, "s_log") == [5, 6]
+    # a stale commit (another writer) stages nothing that stays
+    following, logged = logged_step(engine, 99)
+    assert not await store.commit(as_record(replace(meta, version=9), following), 8, row(9), None, logged)
+    assert not list(redis_db.scan_iter(match=b"*staging*"))
+    # another process loads the snapshot and redoes the two logged steps to the same bits
+    other = await open_redis(redis_server)
+    loaded = await other.load("s_log")
+    assert loaded is not None
+    assert len(loaded.log) == 2
+    assert rebuild(loaded).snapshot()[1] == engine.snapshot()[1]
+    assert await store.delete("s_log")
+    assert not list(redis_db.scan_iter(match=b"*s_log*"))
+    await store.close()
+    await other.close()
+
+
+async def test_a_log_the_snapshots_did_not_keep_up_with_is_cut_by_a_step_writing_the_state(
+    redis_server: RedisServer, redis_db: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log is bounded even when no snapshot gets written (they fail, or the process dies before):
+    at twice LOG_STEPS the step itself writes the whole state."""
+    monkeypatch.setattr(redis_store, "LOG_STEPS", 3)
+    monkeypatch.setattr(RedisStore, "_snapshot_later", lambda self, record, nonce: None)
+    store = await open_redis(redis_server)
+    meta, engine = adam_session("s_cut")
+    await store.create(as_record(meta, engine))
+    meta, engine = await commit_logged(store, meta, engine, range(6))
+    assert log_keys(redis_db, "s_cut") == [1, 2, 3, 4, 5, 6]
+    meta, engine = await commit_logged(store, meta, engine, range(6, 7))
+    assert log_keys(redis_db, "s_cut") == []
+    assert int(redis_db.hget(session_keys("s_cut")[0], "snap") or -1) == 7
+    loaded = await store.load("s_cut")
+    assert loaded is not None
+    assert loaded.log == ()
+    await store.close()
+
+
+async def test_logged_steps_expire_with_their_session(
+    redis_server: RedisServer, redis_db: redis.Redis
+) -> None:
+    store = await open_redis(redis_server, ttl=60.0)
+    meta, engine = adam_session("s_log_ttl")
+    await store.create(as_record(meta, engine))
+    await commit_logged(store, meta, engine, range(3))
+    keys = [log_prefix("s_log_ttl") + str(v) for v in (1, 2, 3)]
+    assert all(55_000 < redis_db.pttl(k) <= 60_000 for k in keys)
+    assert 55_000 < redis_db.pttl(session_keys("s_log_ttl")[1]) <= 60_000
+    await store.close()
+
+
+async def test_a_log_that_does_not_match_its_versions_is_an_unreadable_record(
+    redis_server: RedisServer, redis_db: redis.Redis
+) -> None:
+    store = await open_redis(redis_server)
+    meta, engine = adam_session("s_log_gap")
+    await store.create(as_record(meta, engine))
+    await commit_logged(store, meta, engine, range(3))
+    redis_db.delete(log_prefix("s_log_gap") + "2")
+    with pytest.raises(CorruptRecord):
+        await store.load("s_log_gap")
     await store.close()

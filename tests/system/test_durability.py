@@ -1,6 +1,7 @@
-"""A real server on SQLite, killed with SIGKILL at random points: every answered step survives. A small
-session, and one whose 8 MB state takes milliseconds to write into its slot, so that kills land mid-write
-too."""
+"""A real server on SQLite, and on a real Redis, killed with SIGKILL at random points: every answered step
+survives. A small session, and one whose 8 MB state takes milliseconds to write into its slot, so that kills
+land mid-write too. On Redis the steps are logged and folded into snapshots behind the answers, so kills
+land in those too, and each restart rebuilds the session from its snapshot and the steps logged since."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import redis
 import torch
 from torch.optim.lr_scheduler import StepLR
 
 from app.wire import safetensors
+from app.store.redis import session_keys
 from tests.api.helpers import TorchTwin
+from tests.system.redis_server import RedisServer
 from tests.system.server import Server
 
 ST = "application/vnd.safetensors"
@@ -44,11 +48,17 @@ def send_step(client: httpx.Client, url: str, t: int, shapes: dict[str, tuple[in
     )
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
 @pytest.mark.parametrize("shapes", [SMALL, LARGE], ids=["small", "8 MB state"])
 def test_sigkill_at_random_points_loses_no_answered_step(
-    tmp_path: Path, shapes: dict[str, tuple[int, ...]]
+    tmp_path: Path, shapes: dict[str, tuple[int, ...]], kind: str, request: pytest.FixtureRequest
 ) -> None:
-    store = f"sqlite:///{tmp_path}/durable.db"
+    if kind == "redis":
+        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        redis.Redis.from_url(redis_server.url()).flushdb()
+        store = redis_server.url()
+    else:
+        store = f"sqlite:///{tmp_path}/durable.db"
     rng = np.random.default_rng(1)
     init = {k: rng.standard_normal(s) for k, s in shapes.items()}
     chooser = random.Random(7)
@@ -103,6 +113,9 @@ def test_sigkill_at_random_points_loses_no_answered_step(
                     )
     server.stop()
     assert t >= 10, "the kills came too early to test anything"
+    if kind == "redis":  # the run went through snapshots (the steps are logged until one is written)
+        meta = redis.Redis.from_url(store).hgetall(session_keys(sid)[0])
+        assert 0 < int(meta[b"snap"]) <= int(meta[b"version"]), (t, meta[b"snap"], meta[b"version"])
     expected = torch_params(init, t)
     for k, v in answered[t].items():
         np.testing.assert_allclose(v, expected[k], rtol=1e-10, atol=1e-12)
