@@ -8,6 +8,8 @@ share the machine's load. `redis://` is a redis-server of its own (tests/system/
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
 import statistics
 import sys
@@ -20,6 +22,11 @@ from typing import Any
 import httpx
 import numpy as np
 
+from app.optim.engine import Engine
+from app.sessions import rebuild, record_of
+from app.store.base import LoggedStep, SessionMeta, Store
+from app.store.redis import LOG_RATIO, LOG_STEPS, RedisStore
+from app.store.sqlite import SqliteStore
 from app.wire import safetensors
 from bench.common import (
     ST_HEADERS,
@@ -28,7 +35,7 @@ from bench.common import (
     Step,
     create_session,
     grads_of,
-    interleaved_medians,
+    interleaved_times,
     sci,
     section_main,
 )
@@ -38,7 +45,18 @@ from tests.system.server import Server
 SIZES = (1_000_000, 10_000_000)
 TARGETS = {"sqlite://": 2.0, "redis://": 2.5}
 """Durable at nearly memory's speed: each durable store against memory:// in the same run."""
-COLUMNS = ["store", "params", "ms", "vs memory://", "over memory:// ms", "disk floor ms"]
+COLUMNS = [
+    "store",
+    "params",
+    "ms",
+    "vs memory://",
+    "over memory:// ms",
+    "mean ms",
+    "mean vs memory://",
+    "disk floor ms",
+    "recovery ms",
+    "steps redone",
+]
 
 
 def disk_floor(directory: Path, numel: int, repeat: int) -> float:
@@ -70,8 +88,8 @@ def run(quick: bool = False, servers: object = None, numel: int | None = None) -
     measures = []
     for size in sizes:
         repeat = 5 if quick or size > 1_000_000 else 20
-        pairs, floor = _measure(size, repeat)
-        for name, (s, base) in pairs.items():
+        pairs, floor, recovery = _measure(size, repeat)
+        for name, (s, base, mean, mean_base) in pairs.items():
             rows.append(
                 {
                     "store": name,
@@ -79,7 +97,11 @@ def run(quick: bool = False, servers: object = None, numel: int | None = None) -
                     "ms": s * 1e3,
                     "vs memory://": s / base,
                     "over memory:// ms": (s - base) * 1e3,
+                    "mean ms": mean * 1e3,
+                    "mean vs memory://": mean / mean_base,
                     "disk floor ms": floor * 1e3,
+                    "recovery ms": recovery[name][0] * 1e3 if name in recovery else math.nan,
+                    "steps redone": recovery[name][1] if name in recovery else "-",
                 }
             )
             if name != "memory://":
@@ -93,12 +115,24 @@ def run(quick: bool = False, servers: object = None, numel: int | None = None) -
         "the session's slot file (fdatasync) and a small transaction, Redis through its AOF "
         "(`appendfsync always`). The disk floor is that state written over a file and fdatasync'ed, in "
         "the SQLite store's directory: what the SQLite store's cost over memory:// is bounded below by.",
+        "SQLite writes the whole state (params and both moments) at every step: into the session's slot "
+        "file (fdatasync), then a small transaction. Redis stores each step's prepared gradients (a third of "
+        "Adam's state) and writes the whole state behind the answers once the log since the last one holds "
+        f"{LOG_RATIO:g}x the state's bytes or {LOG_STEPS} steps: the mean includes the steps that waited "
+        "behind such a write, the median mostly does not.",
+        "Recovery: what the first request after a restart (or on another replica) pays to load the session, "
+        "measured in-process as the store's load and the engine's rebuild, median of 3. For Redis at the "
+        "worst log the store allows (no snapshot written meanwhile: twice the background threshold, after "
+        "which a step writes the whole state itself): the snapshot, the logged steps, and each step redone.",
     ]
     return Section("g", "The same step per store", COLUMNS, rows, measures, notes)
 
 
-def _measure(numel: int, repeat: int) -> tuple[dict[str, tuple[float, float]], float]:
-    """Per store, its median step and that of memory:// timed alongside it; and the disk floor."""
+def _measure(
+    numel: int, repeat: int
+) -> tuple[dict[str, tuple[float, float, float, float]], float, dict[str, tuple[float, int]]]:
+    """Per store, its median step and that of memory:// timed alongside it, and both means; the disk floor;
+    the recovery time per durable store (and how many steps it redid)."""
     body = safetensors.encode_bytes({"w": grads_of(numel)}, None)
     with tempfile.TemporaryDirectory(prefix="optserve-bench-") as tmp, ExitStack() as stack:
         redis = stack.enter_context(RedisServer(Path(tmp) / "redis"))
@@ -113,13 +147,62 @@ def _measure(numel: int, repeat: int) -> tuple[dict[str, tuple[float, float]], f
                 client.post(path, content=body, headers=ST_HEADERS).raise_for_status()
 
             steps[name] = step
-        pairs: dict[str, tuple[float, float]] = {}
+        pairs: dict[str, tuple[float, float, float, float]] = {}
         for durable in ("sqlite://", "redis://"):
-            seconds = interleaved_medians({"memory://": steps["memory://"], durable: steps[durable]}, repeat)
-            pairs.setdefault("memory://", (seconds["memory://"], seconds["memory://"]))
-            pairs[durable] = (seconds[durable], seconds["memory://"])
+            times = interleaved_times({"memory://": steps["memory://"], durable: steps[durable]}, repeat)
+            med = {name: statistics.median(t) for name, t in times.items()}
+            mean = {name: statistics.fmean(t) for name, t in times.items()}
+            pairs.setdefault("memory://", (med["memory://"],) * 2 + (mean["memory://"],) * 2)
+            pairs[durable] = (med[durable], med["memory://"], mean[durable], mean["memory://"])
         floor = disk_floor(Path(tmp), numel, repeat)
-    return pairs, floor
+        recovery = asyncio.run(_recovery(numel, urls))
+    return pairs, floor, recovery
+
+
+async def _recovery(numel: int, urls: dict[str, str]) -> dict[str, tuple[float, int]]:
+    """Median seconds to load and rebuild a 1e6/1e7 Adam session on a store object that never saw it, per
+    durable store; Redis with the longest log it allows."""
+    spec = {"optimizer": {"name": "adam", "lr": 1e-3}}
+    engine = Engine.create(spec, {"w": np.zeros(numel, np.float32)})
+    grads = {"w": grads_of(numel)}
+    out: dict[str, tuple[float, int]] = {}
+    for name in ("sqlite://", "redis://"):
+        writer = open_store(urls[name])
+        if isinstance(writer, RedisStore):
+            writer._snapshot_later = lambda record, nonce: None  # type: ignore[method-assign]
+        now = time.time()
+        meta = SessionMeta(f"s_recovery_{numel}", "", now, now)
+        current = engine
+        await writer.create(record_of(meta, current))
+        prepared = current.prepare(grads)
+        entry = safetensors.encoded_size(LoggedStep(prepared.grads, None, 0.0, False, 0).encode())
+        # the steps the log may hold before a step writes the state (the store's rule in _commit_with)
+        allowed = min(2 * LOG_STEPS, int((2 * LOG_RATIO * engine.nbytes - 4 * numel) // entry) + 1)
+        for _ in range(allowed if isinstance(writer, RedisStore) else 1):
+            prepared = current.prepare(grads)
+            following, _ = current.advance(prepared)
+            logged = LoggedStep(prepared.grads, None, prepared.grad_norm, False, 0)
+            written = meta.written(time.time())
+            assert await writer.commit(record_of(written, following), meta.version, None, None, logged)
+            meta, current = written, following
+        await writer.close()
+        times = []
+        for _ in range(3):
+            reader = open_store(urls[name])
+            start = time.perf_counter()
+            record = await reader.load(meta.id)
+            assert record is not None
+            rebuilt = await asyncio.to_thread(rebuild, record)
+            times.append(time.perf_counter() - start)
+            assert rebuilt.step_count == current.step_count
+            redone = len(record.log)
+            await reader.close()
+        out[name] = (statistics.median(times), redone)
+    return out
+
+
+def open_store(url: str) -> Store:
+    return RedisStore.from_url(url) if url.startswith("redis") else SqliteStore.from_url(url)
 
 
 if __name__ == "__main__":

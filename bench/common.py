@@ -44,8 +44,8 @@ def median_seconds(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> float
     return statistics.median(times)
 
 
-def interleaved_medians(steps: dict[str, Step], repeat: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds of each step, timed round-robin so that every case sees the same machine load."""
+def interleaved_times(steps: dict[str, Step], repeat: int, warmup: int = 3) -> dict[str, list[float]]:
+    """The seconds of each run of each step, timed round-robin so that every case sees the same load."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -55,7 +55,12 @@ def interleaved_medians(steps: dict[str, Step], repeat: int, warmup: int = 3) ->
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_medians(steps: dict[str, Step], repeat: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds of each step, timed round-robin so that every case sees the same machine load."""
+    return {name: statistics.median(t) for name, t in interleaved_times(steps, repeat, warmup).items()}
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -5,8 +5,16 @@ Layout. Every key of a session carries the session id as its hash tag, so on Red
 in one slot and one Lua script may touch all of it:
 
     optserve:{<sid>}:meta       hash: tenant, created_at, updated_at, metadata, version, step, lr, engine,
-                                writer (the nonce of the write that made this state)
-    optserve:{<sid>}:tensors    string: every tensor of the session as one safetensors blob (binary)
+                                writer (the nonce of the write that made this state), snap (the version
+                                whose state `tensors` holds), snapengine (that version's engine, when
+                                older than `version`), ls:<v> (the bytes of the step logged for version v)
+    optserve:{<sid>}:tensors    list: the session's whole state as of version `snap`, one safetensors blob
+                                in chunks of 1 MiB (a string, whole, in sessions created by a create)
+    optserve:{<sid>}:log:<v>    list: the step that made version v (snap < v <= version): its prepared
+                                gradients as a safetensors blob in chunks, loss, norm, staleness in its
+                                metadata; redoing these steps on the state of `snap` gives the session
+    optserve:{<sid>}:staging:<nonce>  list: a write's payload, staged in the MULTI that runs its script,
+                                which renames it (to `tensors` or to a log key) or deletes it
     optserve:{<sid>}:history    list: compact JSON rows, newest last, trimmed to `history_limit`
     optserve:{<sid>}:idem       hash: Idempotency-Key -> compact JSON record of the first answer
     optserve:{<sid>}:idemsteps  sorted set: Idempotency-Key scored by its step (for pruning)
@@ -20,13 +28,23 @@ in one slot and one Lua script may touch all of it:
     optserve:{<sid>}:roundorder list: the fields of `rounds`, newest first, trimmed to the last ROUNDS_KEPT
     optserve:tenant:{<tenant>}:sessions   sorted set: the tenant's session ids, scored by Redis server time
 
-The commit is ONE Lua script: it compare-and-sets on `version`, then writes the meta, the blob, the history
-row (+ trim), the idempotency record (+ pruning of records older than 1,000 steps) and the session TTL.
-Redis runs a script atomically and (with AOF) logs its effects as one MULTI/EXEC, so a step is either all
-there or not at all. The tenant index lives in another slot and is kept a superset of the live sessions:
-ids are added before a session is created and removed after it is deleted; `sessions_of` skips ids whose
-session is gone (deleted, expired) and drops them from the index once they are older than a grace period
-(so a session being created right now is never dropped).
+The commit is ONE MULTI: the payload is staged (RPUSHed in chunks), then a Lua script compare-and-sets on
+`version` and writes the meta, the payload (renamed into place: no copy through Lua), the history row
+(+ trim), the idempotency record (+ pruning of records older than 1,000 steps) and the session TTL. Redis
+runs a MULTI atomically and (with AOF) logs it as one, so a step is either all there or not at all.
+
+What a step stores: its prepared gradients (cast, clipped: `LoggedStep`), which redo it exactly (every
+optimizer but Muon, whose matrix products follow the CPU's BLAS, is elementwise arithmetic and fixed-order
+sums), instead of the whole state: for Adam a third of the bytes through Redis' AOF. Once the steps logged
+since the last state hold LOG_RATIO times its bytes (or LOG_STEPS steps), the state is written behind the
+answer (`_snapshot`, its own MULTI, which drops the steps it covers); at twice that, a step writes the state
+itself. Every other write (create, restore, parameters, a round's step) writes the state. A load reads the
+state, the steps since, and redoes them (`app.sessions.rebuild`).
+
+The tenant index lives in another slot and is kept a superset of the live sessions: ids are added before a
+session is created and removed after it is deleted; `sessions_of` skips ids whose session is gone (deleted,
+expired) and drops them from the index once they are older than a grace period (so a session being
+created right now is never dropped).
 
 Synchronous rounds across replicas: a contribution joins the round in Redis (one script: the session's
 step, the worker's request, the round's byte budget); whoever completes the round, or finds its timeout
@@ -107,14 +125,15 @@ ROUNDS_KEPT = 16
 ROUND_GRACE_SECONDS = 60.0
 """A round's contributions expire this long after its timeout (or its closer's lease): an abandoned round
 (every contributor gone, nobody to close it) does not hold Redis' memory for longer."""
-LOG_RATIO = 4.0
-"""A step writes its (prepared) gradients, not the whole state, while the steps logged since the state in
-`tensors` hold fewer bytes than this many times the state; past that a snapshot of the state is written in
-the background (off the request path), and past twice that the step writes the whole state itself."""
+LOG_RATIO = 1.0
+"""A step writes its prepared gradients (for Adam a third of the state's bytes), not the whole state, while
+the steps logged since the state in `tensors` hold fewer bytes than this many times the state; past that
+the state is written in the background (off the request path), and past twice that the step writes the
+whole state itself. So Redis holds at most 1 + 2 * LOG_RATIO times a session's state."""
 LOG_STEPS = 32
-"""...and while they are fewer than this many steps (twice this: the step writes the whole state). So a
-load (another replica, a restart) redoes at most 2 * LOG_STEPS steps from at most (1 + 2 * LOG_RATIO) times
-the state's bytes."""
+"""...and while they are fewer than this many steps (twice this: the step writes the whole state). A load
+(another replica, a restart) redoes at most that many steps: for a 1e7 float32 Adam session, 5 steps and
+1.8 s on the machine of bench/RESULTS.md."""
 CHUNK_BYTES = 1 << 20
 """Large values go to Redis as lists of chunks of about this size, one RPUSH each: Redis (7.0, AOF on)
 takes several times longer per byte for one 40 MB argument than for forty of 1 MB."""

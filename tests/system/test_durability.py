@@ -17,8 +17,8 @@ import redis
 import torch
 from torch.optim.lr_scheduler import StepLR
 
-from app.wire import safetensors
 from app.store.redis import session_keys
+from app.wire import safetensors
 from tests.api.helpers import TorchTwin
 from tests.system.redis_server import RedisServer
 from tests.system.server import Server
