@@ -177,7 +177,7 @@ async def _recovery(numel: int, urls: dict[str, str]) -> dict[str, tuple[float, 
         prepared = current.prepare(grads)
         entry = safetensors.encoded_size(LoggedStep(prepared.grads, None, 0.0, False, 0).encode())
         # the steps the log may hold before a step writes the state (the store's rule in _commit_with)
-        allowed = min(2 * LOG_STEPS, int((2 * LOG_RATIO * engine.nbytes - 4 * numel) // entry) + 1)
+        allowed = min(2 * LOG_STEPS, int(2 * LOG_RATIO * engine.nbytes // entry))
         for _ in range(allowed if isinstance(writer, RedisStore) else 1):
             prepared = current.prepare(grads)
             following, _ = current.advance(prepared)

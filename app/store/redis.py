@@ -775,13 +775,13 @@ class RedisStore:
         seen = self._seen.get(meta.id)
         known = seen if seen is not None and seen[0] == expected_version else None
         state_bytes = record.nbytes
-        adding = 0 if logged is None else logged.nbytes
-        log_full = known is not None and (
-            known[2] >= 2 * LOG_STEPS or known[3] + adding > 2 * LOG_RATIO * state_bytes
-        )
-        if log_full:
-            logged = None  # the background snapshots fell behind: this step writes the state
-        parts = safetensors.encode(record.tensors, None) if logged is None else logged.encode()
+        parts = None if logged is None else logged.encode()
+        if parts is not None and known is not None:
+            logged_bytes = known[3] + safetensors.encoded_size(parts)
+            if known[2] >= 2 * LOG_STEPS or logged_bytes > 2 * LOG_RATIO * state_bytes:
+                parts = logged = None  # the background snapshots fell behind: this step writes the state
+        if parts is None:
+            parts = safetensors.encode(record.tensors, None)
         staged = chunks(parts)
         size = safetensors.encoded_size(parts)
         nonce = secrets.token_hex(8)

@@ -428,6 +428,7 @@ async def test_steps_are_logged_then_folded_into_a_snapshot_in_the_background(
     """Each step stores its prepared gradients (one list per version), not the state; once LOG_STEPS are
     logged the state is written behind the answer and the log up to it dropped. No staged write lingers."""
     monkeypatch.setattr(redis_store, "LOG_STEPS", 4)
+    monkeypatch.setattr(redis_store, "LOG_RATIO", 100.0)  # the count decides here
     store = await open_redis(redis_server)
     meta, engine = adam_session("s_log")
     await store.create(as_record(meta, engine))
@@ -464,6 +465,7 @@ async def test_a_log_the_snapshots_did_not_keep_up_with_is_cut_by_a_step_writing
     """The log is bounded even when no snapshot gets written (they fail, or the process dies before):
     at twice LOG_STEPS the step itself writes the whole state."""
     monkeypatch.setattr(redis_store, "LOG_STEPS", 3)
+    monkeypatch.setattr(redis_store, "LOG_RATIO", 100.0)
     monkeypatch.setattr(RedisStore, "_snapshot_later", lambda self, record, nonce: None)
     store = await open_redis(redis_server)
     meta, engine = adam_session("s_cut")
@@ -476,6 +478,25 @@ async def test_a_log_the_snapshots_did_not_keep_up_with_is_cut_by_a_step_writing
     loaded = await store.load("s_cut")
     assert loaded is not None
     assert loaded.log == ()
+    await store.close()
+
+
+async def test_the_log_is_bounded_by_bytes_too(
+    redis_server: RedisServer, redis_db: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past LOG_RATIO times the state's bytes a snapshot is written behind the answer; past twice that, by
+    the step itself: Redis never holds more than 1 + 2 * LOG_RATIO times the state."""
+    monkeypatch.setattr(RedisStore, "_snapshot_later", lambda self, record, nonce: None)
+    store = await open_redis(redis_server)
+    meta, engine = adam_session("s_bytes")  # 768 bytes of state, 256 of gradients per step
+    await store.create(as_record(meta, engine))
+    sizes = []
+    for t in range(12):
+        meta, engine = await commit_logged(store, meta, engine, range(t, t + 1))
+        fields = redis_db.hgetall(session_keys("s_bytes")[0])
+        sizes.append(sum(int(v) for k, v in fields.items() if k.startswith(b"ls:")))
+    assert max(sizes) <= 2 * redis_store.LOG_RATIO * engine.nbytes
+    assert 0 in sizes[1:]  # a step wrote the state and dropped the log
     await store.close()
 
 
