@@ -79,11 +79,13 @@ async def _json_tensors_response(
     return Response(content, media_type=JSON, headers=headers)
 
 
-async def safetensors_response(tensors: Mapping[str, Array], metadata: Mapping[str, str]) -> Response:
+async def safetensors_response(
+    tensors: Mapping[str, Array], metadata: Mapping[str, str], headers: Mapping[str, str] | None = None
+) -> Response:
     """A large answer is assembled in a thread: copying arrays into it lets go of the GIL."""
     heavy = _numel(tensors) > INLINE_NUMBERS
     content = await off_the_loop_if(heavy, safetensors.encode_bytes, tensors, metadata)
-    return Response(content, media_type=SAFETENSORS)
+    return Response(content, media_type=SAFETENSORS, headers=headers)
 
 
 def render_step(fmt: Format, return_params: bool, offload: Offload) -> Render[Response]:
@@ -106,9 +108,7 @@ def render_step(fmt: Format, return_params: bool, offload: Offload) -> Render[Re
             headers["Idempotent-Replayed"] = "true"
         shown = params if return_params else {}
         if fmt == "safetensors":
-            response = await safetensors_response(shown, metadata)
-            response.headers.update(headers)
-            return response
+            return await safetensors_response(shown, metadata, headers)
         body = {
             "step": outcome.step,
             "lr": outcome.lr,

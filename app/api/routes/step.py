@@ -45,7 +45,10 @@ def _return_params(raw: str | None) -> bool:
 async def step(request: Request) -> Response:
     """Apply one optimizer step; answer the new step, lr, and (unless return_params=false) parameters."""
     tenant = await get_tenant(request)
-    return_params = _return_params(request.query_params.get("return_params"))
+    # most steps have no query: its parsing is skipped then
+    return_params = (
+        _return_params(request.query_params.get("return_params")) if request.scope["query_string"] else True
+    )
     key = request.headers.get("idempotency-key")
     if key is not None and len(key) > MAX_KEY_LENGTH:
         raise WireError(f"at most {MAX_KEY_LENGTH} characters, got {len(key)}", field="Idempotency-Key")
