@@ -15,7 +15,7 @@ from app.api import bodies
 from app.optim import schedulers
 from app.optim.base import Optimizer
 from app.optim.engine import Engine
-from app.sessions import SessionService
+from app.sessions import SessionService, rebuild
 from app.store.base import SessionRecord
 from app.wire import safetensors
 from tests.api.helpers import ST, create, params_of, step
@@ -91,13 +91,12 @@ async def snapshot(client: httpx.AsyncClient, sid: str) -> tuple[Any, ...]:
 
 
 def stored(record: SessionRecord) -> tuple[Any, ...]:
-    """The record's bytes: meta version, engine, tensors, and the steps logged since (a store that logs)."""
-    tensors = {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in record.tensors.items()}
-    log = [
-        ({k: (v.dtype.str, v.shape, v.tobytes()) for k, v in s.grads.items()}, s.loss, s.grad_norm, s.skipped)
-        for s in record.log
-    ]
-    return record.meta.version, dict(record.engine), tensors, log
+    """The session the record holds, to the bit: its version, and the engine it rebuilds to (a store that
+    logs steps may fold them into its state behind the answers: how it holds the session may change, what
+    the session is may not)."""
+    tensors, description = rebuild(record).snapshot()
+    arrays = {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in tensors.items()}
+    return record.meta.version, description, arrays
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
