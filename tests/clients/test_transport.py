@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import optserve
 import pytest
-from optserve import RetryPolicy, Timeout, _safetensors
+from optserve import RetryPolicy, Timeout, _http_core, _safetensors
 from optserve._base import own_http_client
 from optserve.transport import BODY_EXTENSION, AsyncFastTransport, BufferStream, FastTransport, _Connection
 
@@ -529,6 +529,33 @@ async def test_an_answer_before_the_whole_request_stops_the_sending(http: Any) -
         assert (response.status_code, response.content) == (413, b"too large")
         assert time.monotonic() - started < 5
         assert client.transport.connections_opened == 1
+
+
+async def test_a_cancelled_request_closes_its_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task cancelled while it waits for the answer closes the connection at once (not when the garbage
+    collector finds it): it is not pooled, and the server sees the end of it."""
+    taken, closed = threading.Event(), threading.Event()
+    opened: list[socket.socket] = []  # also keeps the sockets from the garbage collector, which closes them
+
+    def read_then_wait_for_the_end(conn: socket.socket, server: ScriptedServer) -> None:
+        assert read_request(conn, bytearray()) is not None
+        taken.set()
+        if not conn.recv(1):
+            closed.set()
+
+    tune = _http_core.tune
+    monkeypatch.setattr(_http_core, "tune", lambda sock, size: (opened.append(sock), tune(sock, size)))
+    with ScriptedServer(read_then_wait_for_the_end) as server:
+        transport = AsyncFastTransport()
+        async with httpx.AsyncClient(transport=transport) as client:
+            task = asyncio.create_task(client.get(server.url))
+            assert await asyncio.to_thread(taken.wait, 5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert [sock.fileno() for sock in opened] == [-1]
+            assert await asyncio.to_thread(closed.wait, 5)
+            assert transport._pool.take(("127.0.0.1", server.port)) is None
 
 
 async def test_other_schemes_go_to_the_fallback_transport(kind: Kind) -> None:
