@@ -137,6 +137,8 @@ LOG_STEPS = 32
 CHUNK_BYTES = 1 << 20
 """Large values go to Redis as lists of chunks of about this size, one RPUSH each: Redis (7.0, AOF on)
 takes several times longer per byte for one 40 MB argument than for forty of 1 MB."""
+SNAPSHOT_BATCH = 4
+"""A background snapshot sends this many chunks per round trip (see `_snapshot`)."""
 STAGING_MS = 60_000
 """A staged write that never committed (its connection broke between the MULTI's commands) expires."""
 ROUND_CHANNEL = "optserve:rounds"
@@ -292,15 +294,17 @@ return {1, version - snap, log_bytes(snap, version)}
 )
 
 # KEYS: meta, tensors, writes, staging (the whole state of version v, in chunks). ARGV: v, the nonce of the
-# write that made v, the engine of v, the log keys' prefix. Makes the staged state the session's `tensors`
-# and drops the steps logged up to v, if v is newer than `tensors` and was written in this session's line
-# of writes (not lost in a crash, and still among the last writes kept): 1; else 0, nothing changed.
+# write that made v, the engine of v, the log keys' prefix, the number of chunks staged. Makes the staged
+# state the session's `tensors` and drops the steps logged up to v, if the staging holds every chunk, v is
+# newer than `tensors` and was written in this session's line of writes (not lost in a crash, and still
+# among the last writes kept): 1; else 0, nothing changed (the staging goes).
 SNAPSHOT_LUA = (
     _LOG_LUA
     + """
 local current = redis.call('HGET', KEYS[1], 'version')
 local v = tonumber(ARGV[1])
 if not current or not redis.call('LPOS', KEYS[3], ARGV[2]) then redis.call('DEL', KEYS[4]); return 0 end
+if redis.call('LLEN', KEYS[4]) ~= tonumber(ARGV[5]) then redis.call('DEL', KEYS[4]); return 0 end
 current = tonumber(current)
 local snap = tonumber(redis.call('HGET', KEYS[1], 'snap') or current)
 if v <= snap or v > current then redis.call('DEL', KEYS[4]); return 0 end
@@ -583,6 +587,7 @@ class RedisStore:
         self._commit = client.register_script(COMMIT_LUA)
         self._delete = client.register_script(DELETE_LUA)
         self._load = client.register_script(LOAD_LUA)
+        self._snapshot_script = client.register_script(SNAPSHOT_LUA)
         self._index_add = client.register_script(INDEX_ADD_LUA)
         self._index_reserve = client.register_script(INDEX_RESERVE_LUA)
         self._index_prune = client.register_script(INDEX_PRUNE_LUA)
@@ -851,29 +856,29 @@ class RedisStore:
         task.add_done_callback(done)
 
     async def _snapshot(self, record: SessionRecord, nonce: str) -> None:
+        """The state staged a few chunks per round trip, outside any MULTI, then put in place by one
+        script: Redis runs other clients' commands (other sessions' steps, this session's next) between
+        those chunks, instead of stalling them all behind one write of the whole state."""
         sid = record.meta.id
         staging = staging_key(sid, secrets.token_hex(8))
         keys = session_keys(sid)
         staged = chunks(safetensors.encode(record.tensors, None))
-        async with self._client.pipeline(transaction=True) as pipe:
-            for chunk in staged:
-                pipe.rpush(staging, chunk)
-            pipe.pexpire(staging, STAGING_MS)
-            pipe.eval(
-                SNAPSHOT_LUA,
-                4,
-                keys[0],
-                keys[1],
-                keys[5],
-                staging,
-                record.meta.version,
-                nonce,
-                json.dumps(record.engine),
-                log_prefix(sid),
-            )
-            answers = await pipe.execute()
+        for start in range(0, len(staged), SNAPSHOT_BATCH):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for chunk in staged[start : start + SNAPSHOT_BATCH]:
+                    pipe.rpush(staging, chunk)
+                pipe.pexpire(staging, STAGING_MS)
+                await pipe.execute()
+        args: list[str | int] = [
+            record.meta.version,
+            nonce,
+            json.dumps(record.engine),
+            log_prefix(sid),
+            len(staged),
+        ]
+        done = await self._snapshot_script(keys=[keys[0], keys[1], keys[5], staging], args=args)
         seen = self._seen.get(sid)
-        if answers[-1] == 1 and seen is not None and seen[0] == record.meta.version:
+        if done == 1 and seen is not None and seen[0] == record.meta.version:
             self._note(sid, seen[0], seen[1])
 
     async def idempotency(self, session_id: str, key: str) -> IdempotencyRecord | None:
