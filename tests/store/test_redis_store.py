@@ -168,7 +168,7 @@ async def test_a_retried_commit_is_recognised_not_applied_twice(
             nonce, 0, 64, expected, expected + 1, repr(time.time()), "{}", step, "[0.5]",
             json.dumps(engine_meta), "full", "1", '[1, [0.5], null, 1.0, false, 1.0]', 10_000,
             "1", "key", '["fp", 1, [0.5], false, 1.0]', step, step - 1000, "", log_prefix("s_retry"),
-            len(blob), "0",
+            len(blob), 1, "0",
         ]  # fmt: skip
 
     async def commit(nonce: str, expected: int, step: int) -> int:
