@@ -87,7 +87,7 @@ def run(quick: bool = False, servers: object = None, numel: int | None = None) -
     rows: list[dict[str, Any]] = []
     measures = []
     for size in sizes:
-        repeat = 5 if quick else 9 if size > 1_000_000 else 20
+        repeat = 5 if quick else 15 if size > 1_000_000 else 20
         pairs, floor, recovery = _measure(size, repeat)
         for name, (s, base, mean, mean_base) in pairs.items():
             rows.append(
@@ -108,7 +108,7 @@ def run(quick: bool = False, servers: object = None, numel: int | None = None) -
                 what = f"step on {name}, {sci(size)} params"
                 measures.append(Measure("g", what, s * 1e3, base * 1e3, "memory://", "ms", TARGETS[name]))
     notes = [
-        "Medians of 20 steps (9 at 1e7) per store after 3 warm-ups. Each durable store is timed round-robin "
+        "Medians of 20 steps (15 at 1e7) per store after 3 warm-ups. Each durable store is timed round-robin "
         "with memory:// (its ratio is against that memory:// figure), one store after the other, so that "
         "Redis' AOF writes and rewrites do not land in the SQLite store's fsyncs. "
         "Both durable stores write the whole state (params and both moments) before answering: SQLite into "
@@ -135,7 +135,10 @@ def _measure(
     the recovery time per durable store (and how many steps it redid)."""
     body = safetensors.encode_bytes({"w": grads_of(numel)}, None)
     with tempfile.TemporaryDirectory(prefix="optserve-bench-") as tmp, ExitStack() as stack:
-        redis = stack.enter_context(RedisServer(Path(tmp) / "redis"))
+        # as the README advises for large sessions: no AOF rewrite every few steps
+        redis = stack.enter_context(
+            RedisServer(Path(tmp) / "redis", None, "--auto-aof-rewrite-min-size", "4gb")
+        )
         urls = {"memory://": "memory://", "sqlite://": f"sqlite:///{tmp}/bench.db", "redis://": redis.url()}
         steps: dict[str, Step] = {}
         for name, url in urls.items():

@@ -127,15 +127,17 @@ ROUNDS_KEPT = 16
 ROUND_GRACE_SECONDS = 60.0
 """A round's contributions expire this long after its timeout (or its closer's lease): an abandoned round
 (every contributor gone, nobody to close it) does not hold Redis' memory for longer."""
-LOG_RATIO = 1.0
+LOG_RATIO = 2.0
 """A step writes its prepared gradients (for Adam a third of the state's bytes), not the whole state, while
 the steps logged since the state in `tensors` hold fewer bytes than this many times the state; past that
 the state is written in the background (off the request path), and past twice that the step writes the
-whole state itself. So Redis holds at most 1 + 2 * LOG_RATIO times a session's state."""
+whole state itself. So Redis holds at most 1 + 2 * LOG_RATIO times a session's state (1 + LOG_RATIO while
+the background keeps up). At 1.0 the state's writes (every 3 steps of Adam) doubled what a 1e7 step put
+through Redis' AOF and the step took 2-3.5x memory://'s; at 2.0, 1.6-1.7x."""
 LOG_STEPS = 32
 """...and while they are fewer than this many steps (twice this: the step writes the whole state). A load
-(another replica, a restart) redoes at most that many steps: for a 1e7 float32 Adam session, 5 steps and
-1.8 s on the machine of bench/RESULTS.md."""
+(another replica, a restart) redoes at most that many steps: for a 1e7 float32 Adam session, 11 steps and
+about 4 s on the machine of bench/RESULTS.md."""
 CHUNK_BYTES = 1 << 20
 """Large values go to Redis as lists of chunks of about this size, one RPUSH each: Redis (7.0, AOF on)
 takes several times longer per byte for one 40 MB argument than for forty of 1 MB."""
