@@ -14,6 +14,7 @@ import anyio
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import __version__
 from app.api import errors
@@ -124,7 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 sweeper.cancel()
             await store.close()
 
-    app = FastAPI(
+    app = OptserveApp(
         title="optserve",
         version=__version__,
         summary="Optimizer-as-a-service: torch.optim's exact steps over HTTP",
@@ -146,21 +147,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.ui:
         app.router.routes.append(ui.redirect)
         app.mount(ui.PATH, ui.assets, name="ui")
-    app.add_middleware(step.StepFastPath)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     origins = settings.cors_origin_list()
     if origins:  # outermost, so that preflights and every answer (the step's too) get their CORS headers
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST", "PUT", "DELETE"],
-            # by name: a wildcard does not cover Authorization (Fetch standard)
-            allow_headers=["Authorization", "Content-Type", "Accept", "Idempotency-Key"],
-            expose_headers=EXPOSED_HEADERS,
-            max_age=600,
-        )
+        app.add_middleware(CORSMiddleware, **cors_options(origins))
+    # the step is answered before FastAPI's own middleware and routing (OptserveApp), counted by the same
+    # metrics, with the same CORS headers
+    step_stack: ASGIApp = MetricsMiddleware(step.StepFastPath(), metrics=metrics)
+    if origins:
+        step_stack = CORSMiddleware(step_stack, **cors_options(origins))
+    app.step_stack = step_stack
     app.openapi = lambda: _openapi(app, bool(keys))  # type: ignore[method-assign]
     return app
+
+
+def cors_options(origins: list[str]) -> dict[str, Any]:
+    return {
+        "allow_origins": origins,
+        "allow_methods": ["GET", "POST", "PUT", "DELETE"],
+        # by name: a wildcard does not cover Authorization (Fetch standard)
+        "allow_headers": ["Authorization", "Content-Type", "Accept", "Idempotency-Key"],
+        "expose_headers": EXPOSED_HEADERS,
+        "max_age": 600,
+    }
+
+
+class OptserveApp(FastAPI):
+    """FastAPI, except that `POST /v1/sessions/{id}/step`, the hot path, goes straight to `step_stack`:
+    FastAPI's own middleware (telemetry, body limit, server errors), Starlette's routing and exception
+    middleware cost more than the whole step of a small session. The step maps its own errors to
+    problem+json (StepFastPath), so none of them reaches those layers."""
+
+    step_stack: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.step_stack is not None and step.StepFastPath.matches(scope):
+            scope["app"] = self
+            await self.step_stack(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 async def _expire_forever(service: SessionService) -> None:
