@@ -2,12 +2,17 @@
 summary table with the targets, and `bench/RESULTS.md` describing the machine.
 
 `--quick` is a smoke run (small sizes, short durations: the numbers mean little); `--only c,d` runs some
-sections; `--out PATH` writes the results elsewhere.
+sections; `--out PATH` writes the results elsewhere. `--isa avx2` runs everything (this process, the
+servers, the workers) as on a CPU without AVX-512: torch's AVX2 kernels, numpy's AVX-512 loops switched
+off, numba compiling for Haswell (AVX2 and FMA); `--isa default` as on an old x86-64 (torch's default
+kernels, no AVX in numpy or numba). Only the instruction set changes: the clock, caches and memory of
+this machine stay, so it shows what the instruction set alone costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -101,17 +106,49 @@ def render(sections: list[Section], info: dict[str, str], quick: bool, seconds: 
     return "\n".join(out)
 
 
+# what `--isa` sets in the environment of the bench and of every process it starts
+ISA_ENV: dict[str, dict[str, str]] = {
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
+        "NUMBA_CPU_NAME": "haswell",
+    },
+    "default": {
+        "ATEN_CPU_CAPABILITY": "default",
+        "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR",
+        "NUMBA_CPU_NAME": "generic",
+    },
+}
+
+
+def isa_note() -> str | None:
+    """How the instruction set was forced, when it was (read back from the environment)."""
+    forced = {k: os.environ[k] for k in ISA_ENV["avx2"] if k in os.environ}
+    return ", ".join(f"{k}={v}" for k, v in forced.items()) or None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run: small sizes, short durations")
     parser.add_argument("--only", help=f"comma-separated sections among {','.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
+    parser.add_argument(
+        "--isa", choices=sorted(ISA_ENV), help="run as on a CPU with only this instruction set (see above)"
+    )
     args = parser.parse_args(argv)
+    if args.isa and any(os.environ.get(k) != v for k, v in ISA_ENV[args.isa].items()):
+        # numpy, numba and torch read these when they load: start again with them set
+        env = {**os.environ, **ISA_ENV[args.isa]}
+        command = [sys.executable, "-m", "bench", *(sys.argv[1:] if argv is None else argv)]
+        os.execve(sys.executable, command, env)
     chosen = args.only.split(",") if args.only else list(SECTIONS)
     unknown = [k for k in chosen if k not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose among {list(SECTIONS)}")
     info = machine()
+    forced = isa_note()
+    if forced:
+        info["instruction set forced"] = forced
     start = time.perf_counter()
     sections: list[Section] = []
     with Servers() as servers:

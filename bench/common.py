@@ -342,6 +342,7 @@ def machine() -> dict[str, str]:
         "OS": f"{platform.system()} {platform.release()}",
         "Python": platform.python_version(),
         "numpy / torch": f"{np.__version__} / {torch.__version__} (CPU)",
+        "torch's CPU kernels": torch.backends.cpu.get_cpu_capability(),
         "fastapi / uvicorn / httpx / orjson": (
             f"{fastapi.__version__} / {uvicorn.__version__} / {httpx.__version__} / {orjson.__version__}"
         ),

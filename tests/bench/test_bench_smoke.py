@@ -50,3 +50,17 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     # the targets of the issue are all there to be judged, PASS or MISS
     judged = {row[0] for row in rows if row[6] != "info"}
     assert judged >= {"optim", "d", "e", "f"}
+
+
+def test_isa_runs_the_bench_and_its_servers_as_on_a_cpu_without_avx512(tmp_path: Path) -> None:
+    """`--isa default` (which every x86-64 can run) starts the bench again with the instruction set forced
+    for torch, numpy and numba, and says so in the results."""
+    out = tmp_path / "RESULTS.md"
+    command = [sys.executable, "-m", "bench", "--quick", "--isa", "default", "--only", "c", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    text = out.read_text()
+    assert "- torch's CPU kernels: DEFAULT" in text
+    assert "- instruction set forced: ATEN_CPU_CAPABILITY=default, NPY_DISABLE_CPU_FEATURES=" in text
+    assert "NUMBA_CPU_NAME=generic" in text
+    assert "## (c)" in text
