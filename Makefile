@@ -69,4 +69,4 @@ bench: install-test
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) optserve-data demo-output .pytest_cache .mypy_cache .ruff_cache $(addsuffix /node_modules,$(NODE_PROJECTS)) clients/typescript/dist
+	rm -rf $(VENV) optserve-data demo-output .pytest_cache .mypy_cache .ruff_cache $(addsuffix /node_modules,$(NODE_PROJECTS)) clients/typescript/dist clients/typescript/dist-examples
