@@ -2,7 +2,7 @@
 # optserve's images, from one Dockerfile in four stages:
 #   base     the pinned slim interpreter, its settings and the non-root user, shared by the others
 #   builder  wheels for the service (/wheels/server) and the SDK (/wheels/trainer); never shipped
-#   trainer  `--target trainer`: the SDK with its demo extras (scikit-learn, matplotlib, tqdm) and its
+#   trainer  `--target trainer`: the SDK with its demo extras (scikit-learn, matplotlib, tqdm, gymnasium) and its
 #            reference training loop, `python -m optserve.demo --url ...`. A stage of its own rather than
 #            a build arg on the server image: the API image carries none of their ~290 MB, and the
 #            trainer none of the server (it only ever talks to one over HTTP).

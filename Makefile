@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 SOURCES := app clients/python/optserve tests bench
 
-.PHONY: install install-test system-deps demo test lint typecheck bench clean
+.PHONY: install install-test system-deps demo test lint typecheck bench bench-cartpole clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,11 @@ test: install-test lint typecheck
 
 bench: install-test
 	$(BIN)/python -m bench
+
+# the DQN agent on CartPole-v1 solved through the service, per optimizer, 1 actor and 2 (15-30 min; not in
+# `make bench`): rewrites bench/CARTPOLE.md and docs/optserve-cartpole.png
+bench-cartpole: install-test
+	$(BIN)/python -m bench.cartpole
 
 clean:
 	rm -rf $(VENV) optserve-data demo-output .pytest_cache .mypy_cache .ruff_cache $(addsuffix /node_modules,$(NODE_PROJECTS)) clients/typescript/dist clients/typescript/dist-examples

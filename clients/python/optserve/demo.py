@@ -316,12 +316,12 @@ def _wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float) -> No
 
 
 @contextlib.contextmanager
-def local_server(timeout: float = 30.0) -> Iterator[str]:
-    """`optserve serve` on a free port and a temporary SQLite store, both gone on exit."""
+def local_server(timeout: float = 30.0, store: str | None = None) -> Iterator[str]:
+    """`optserve serve` on a free port and a temporary SQLite store (or `store`), both gone on exit."""
     with tempfile.TemporaryDirectory(prefix="optserve-demo-") as tmp:
         url = f"http://127.0.0.1:{_free_port()}"
         cmd = [sys.executable, "-m", "app.cli", "serve", "--port", url.rsplit(":", 1)[1]]
-        cmd += ["--store", f"sqlite:///{tmp}/demo.db", "--log-level", "warning"]
+        cmd += ["--store", store or f"sqlite:///{tmp}/demo.db", "--log-level", "warning"]
         # The demo's own server ignores OPTSERVE_* settings (API keys, limits) meant for a real deployment.
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_")}
         log = Path(tmp, "server.log")
@@ -428,7 +428,11 @@ def _positive(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="optserve demo", description=__doc__)
-    parser.add_argument("--url", help="an optserve server; default: start one on a temporary SQLite store")
+    parser.add_argument(
+        "--url",
+        help="an optserve server; default: start one on a temporary SQLite store (memory with --task "
+        "cartpole). With --task cartpole, several comma-separated (replicas): actor i uses the i-th in turn",
+    )
     parser.add_argument("--api-key", help="bearer key, when the server requires one")
     parser.add_argument(
         "--steps", type=_positive, default=300, help="linear-regression steps per optimizer (300)"
@@ -446,6 +450,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--mode", choices=("sync", "async"), help="with --workers: only synchronous rounds, or only async"
     )
+    parser.add_argument(
+        "--task",
+        choices=("classic", "cartpole"),
+        default="classic",
+        help="classic: linear regression and the digits MLP; cartpole: a DQN agent on CartPole-v1 "
+        "(optserve.cartpole)",
+    )
+    parser.add_argument(
+        "--actors",
+        type=_positive,
+        default=2,
+        help="with --task cartpole: each optimizer by 1 actor, then by this many actor processes on one "
+        "session (async, bounded staleness); 1: only the single actor (2)",
+    )
+    parser.add_argument(
+        "--staleness-lr",
+        choices=("inverse", "none"),
+        default="inverse",
+        help="with --actors: a gradient k steps stale is applied with the lr divided by 1 + k, or as is",
+    )
+    parser.add_argument(
+        "--budget",
+        type=_positive,
+        help="with --task cartpole: environment steps per run, unless solved sooner "
+        "(200000; 10000 with --quick)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="with --task cartpole: seeds every random source")
     return parser.parse_args(argv)
 
 
@@ -473,6 +504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("optserve demo: no optserve server is installed here; give one with --url.", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    if args.task == "cartpole":
+        from optserve import cartpole
+
+        return cartpole.main(args, start)
     if args.workers is not None:
         return fleet_main(args, start)
     tasks: list[Task] = [LinearRegression(args.steps), DigitsMLP(args.epochs or (1 if args.quick else 15))]
