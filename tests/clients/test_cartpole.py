@@ -4,12 +4,14 @@ one Redis."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import optserve
+import orjson
 import pytest
 import redis
 from optserve import cartpole, demo
@@ -160,3 +162,48 @@ def test_two_actors_train_one_session_through_two_replicas_on_redis(replicas: li
     assert run.max_staleness <= 4
     with optserve.Client(urls[1]) as client:
         assert client.list_sessions() == []
+
+
+TYPESCRIPT = Path(__file__).resolve().parents[2] / "clients" / "typescript"
+
+
+def test_a_python_actor_and_a_node_actor_train_one_session(server: Server) -> None:
+    """The TypeScript client's CartPole actor (clients/typescript/examples/cartpole.ts) beside a Python one on
+    one asynchronous session: every gradient either actor sent was applied once or refused as too stale."""
+    assert (TYPESCRIPT / "node_modules").is_dir(), "run `make install-test`: it installs the npm packages"
+    subprocess.run(["npm", "run", "build"], cwd=TYPESCRIPT, check=True, capture_output=True, timeout=300)
+    config = cartpole.Config(budget=1_500, hidden=64, learning_starts=300)
+    aggregation = {"mode": "async", "max_staleness": 4, "staleness_lr": "inverse"}
+    with optserve.Client(server.url) as client:
+        params = cartpole.init_params(np.random.default_rng(0), config.hidden)
+        session = client.create_session(
+            params, cartpole.OPTIMIZERS["Adam"], aggregation=aggregation, clip_grad_norm=10.0
+        )
+        script = str(TYPESCRIPT / "dist-examples" / "cartpole.js")
+        actor = [script, "--url", server.url, "--session", session.id]
+        node = subprocess.Popen(
+            ["node", *actor, "--steps", "1500", "--learning-starts", "300", "--seed", "4"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        worker = optserve.Worker(session, "python")
+        worker.params = session.params()
+        episodes: list[cartpole.Episode] = []
+        log = cartpole.Actor(config, 0, 1, seed=0).run(
+            worker, np.zeros(1, np.int64), episodes.append, lambda: False
+        )
+        out, _ = node.communicate(timeout=300)
+        assert node.returncode == 0
+        lines = [orjson.loads(line) for line in out.splitlines()]
+        node_episodes, summary = lines[:-1], lines[-1]
+        final = session.refresh().step
+        session.delete()
+
+    assert summary["done"] is True
+    assert len(node_episodes) > 10
+    assert len(episodes) > 10
+    # each sent one gradient per 2 steps after its first 300: (1,500 - 300) / 2
+    assert summary["applied"] + summary["dropped"] == 600
+    assert len(log.steps) + log.dropped == 600
+    assert final == summary["applied"] + len(log.steps)  # the session took each applied one, once
+    assert max(log.staleness) > 0  # the two interleaved
