@@ -101,6 +101,21 @@ class PartsResponse(Response):
             await send({"type": "http.response.body", "body": part, "more_body": i < last})
 
 
+class HeadedResponse(Response):
+    """A whole body with its headers given as the raw (lowercase name, value) pairs they are sent as:
+    the step's answer skips `Response.init_headers`' per-header encoding, the same headers in the same
+    order otherwise (content-length, then content-type, last)."""
+
+    def __init__(self, body: bytes, raw_headers: list[tuple[bytes, bytes]], media_type: str) -> None:
+        self.status_code = 200
+        self.media_type = media_type
+        self.background = None
+        self.body = body
+        raw_headers.append((b"content-length", b"%d" % len(body)))
+        raw_headers.append((b"content-type", media_type.encode("latin-1")))
+        self.raw_headers = raw_headers
+
+
 async def safetensors_response(
     tensors: Mapping[str, Array], metadata: Mapping[str, str], headers: Mapping[str, str] | None = None
 ) -> Response:
@@ -108,6 +123,14 @@ async def safetensors_response(
     if _numel(tensors) > INLINE_NUMBERS:
         return PartsResponse(safetensors.encode(tensors, metadata), headers, SAFETENSORS)
     return Response(safetensors.encode_bytes(tensors, metadata), media_type=SAFETENSORS, headers=headers)
+
+
+# the step's metadata keys -> the headers that repeat them (a client reads them whatever the body's format)
+STEP_HEADERS = {
+    key: f"Optserve-{key.title().replace('_', '-')}"
+    for key in ("step", "lr", "skipped", "grad_norm", "staleness", "workers")
+}
+_RAW_STEP_HEADERS = {key: name.lower().encode("latin-1") for key, name in STEP_HEADERS.items()}
 
 
 def render_step(fmt: Format, return_params: bool, offload: Offload) -> Render[Response]:
@@ -124,11 +147,15 @@ def render_step(fmt: Format, return_params: bool, offload: Offload) -> Render[Re
         }
         if outcome.workers:
             metadata["workers"] = jsontensor.dumps(list(outcome.workers)).decode()
-        # the same, in headers: a client reads them whatever the body's format
-        headers = {f"Optserve-{k.title().replace('_', '-')}": v for k, v in metadata.items()}
+        shown = params if return_params else {}
+        if fmt == "safetensors" and _numel(shown) <= INLINE_NUMBERS:
+            raw = [(_RAW_STEP_HEADERS[k], v.encode("latin-1")) for k, v in metadata.items()]
+            if replayed:
+                raw.append((b"idempotent-replayed", b"true"))
+            return HeadedResponse(safetensors.encode_bytes(shown, metadata), raw, SAFETENSORS)
+        headers = {STEP_HEADERS[k]: v for k, v in metadata.items()}
         if replayed:
             headers["Idempotent-Replayed"] = "true"
-        shown = params if return_params else {}
         if fmt == "safetensors":
             return await safetensors_response(shown, metadata, headers)
         body = {

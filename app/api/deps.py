@@ -10,10 +10,13 @@ from typing import Annotated
 import numpy as np
 import numpy.typing as npt
 from fastapi import Depends, Request
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from app.api.errors import ApiError
 from app.api.offload import Offload
 from app.sessions import SessionService
+from app.settings import Settings
 from app.wire.negotiate import JSON, NotAcceptable, UnsupportedMediaType, request_format, response_format
 
 OPEN_TENANT = ""
@@ -36,12 +39,16 @@ async def get_offload(request: Request) -> Offload:
 
 
 async def get_tenant(request: Request) -> str:
-    """The caller's tenant: open mode has one; otherwise the Bearer key must match a configured key. (The
-    OpenAPI document declares the key as a bearer security scheme, not as a header parameter.)"""
-    keys: list[bytes] = request.app.state.api_keys
+    """The caller's tenant (`tenant_for`). (The OpenAPI document declares the key as a bearer security
+    scheme, not as a header parameter.)"""
+    return tenant_for(request.app.state.api_keys, request.headers.get("authorization"))
+
+
+def tenant_for(keys: list[bytes], authorization: str | None) -> str:
+    """The caller's tenant: open mode has one; otherwise the Bearer key must match a configured key."""
     if not keys:
         return OPEN_TENANT
-    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(
             401, "Unauthorized", "send `Authorization: Bearer <key>`", {"WWW-Authenticate": "Bearer"}
@@ -79,6 +86,25 @@ class InflightBytes:
 
 
 async def read_body(request: Request) -> Buffer:
+    """The request body, bounded before it costs anything (`receive_body`)."""
+    state = request.app.state
+    headers = request.headers
+    return await receive_body(
+        request.receive,
+        state.settings,
+        state.inflight,
+        headers.get("content-type"),
+        headers.get("content-length"),
+    )
+
+
+async def receive_body(
+    receive: Receive,
+    settings: Settings,
+    inflight: InflightBytes,
+    content_type: str | None,
+    declared: str | None,
+) -> Buffer:
     """The request body, bounded before it costs anything.
 
     Larger than `OPTSERVE_MAX_BODY_BYTES` (declared or received): 413. Not complete within
@@ -90,17 +116,14 @@ async def read_body(request: Request) -> Buffer:
     Retry-After past it). A body that arrives in one piece is used as it is, without a copy; a longer
     one is received straight into its buffer, so the large step keeps its speed.
     """
-    settings = request.app.state.settings
     limit: int = settings.max_body_bytes
     setting = "OPTSERVE_MAX_BODY_BYTES"
-    if _is_json(request.headers.get("content-type")) and settings.max_json_bytes < limit:
+    if _is_json(content_type) and settings.max_json_bytes < limit:
         # parsing JSON holds the interpreter for the whole document: ~5 ms per MB here
         limit, setting = settings.max_json_bytes, "OPTSERVE_MAX_JSON_BYTES"
-    declared = request.headers.get("content-length")
     expected = int(declared) if declared is not None and declared.isdigit() else None
     if expected is not None and expected > limit:
         raise _too_large(f"a body of {expected} bytes", setting, limit)
-    inflight: InflightBytes = request.app.state.inflight
     reserved = 0
     first = b""
     buffer: npt.NDArray[np.uint8] | None = None
@@ -108,7 +131,13 @@ async def read_body(request: Request) -> Buffer:
     try:
         # asyncio's own deadline: a third of anyio.fail_after's cost, on every request
         async with asyncio.timeout(settings.body_timeout):
-            async for chunk in request.stream():
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":  # http.disconnect: nobody waits for an answer
+                    raise ClientDisconnect()
+                chunk = message.get("body", b"")
+                more = message.get("more_body", False)
                 if not chunk:
                     continue
                 end = size + len(chunk)

@@ -125,6 +125,13 @@ def _meta_float(metadata: Mapping[str, str], key: str) -> float | None:
         raise WireError(f"metadata {key!r} must be a number, got {raw!r}", field=key) from None
 
 
+def _weight(value: float | None) -> float | None:
+    """A contribution's weight: a finite number above 0, or absent."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise WireError(f"expected a finite number above 0, got {value!r}", field="weight")
+    return value
+
+
 def _worker(value: Any) -> str | None:
     if value is None:
         return None
@@ -142,7 +149,7 @@ def step_of_metadata(grads: dict[str, Array], metadata: Mapping[str, str]) -> St
         _meta_int(metadata, "step"),
         _meta_float(metadata, "loss"),
         _worker(metadata.get("worker")),
-        _meta_float(metadata, "weight"),
+        _weight(_meta_float(metadata, "weight")),
     )
 
 
@@ -185,7 +192,7 @@ def parse_step(body: Buffer) -> StepBody:
         _int(data.get("step"), "step"),
         _number(data.get("loss"), "loss"),
         _worker(data.get("worker")),
-        _number(data.get("weight"), "weight"),
+        _weight(_number(data.get("weight"), "weight")),
     )
 
 

@@ -77,6 +77,22 @@ def _parse_header(text: str) -> dict[str, Any]:
     return header
 
 
+def _canonical_header(header: bytes | bytearray | memoryview) -> dict[str, Any] | None:
+    """The header as `_parse_header` reads it, when it is an object in compact JSON that orjson writes back
+    to the same bytes (the reference writer's form, and our clients'), else None. The same bytes back is
+    the proof that no key repeats (orjson keeps one of two equal keys, so writing back would be shorter)
+    and that nothing non-standard is in it; anything else takes the strict parser, which says what is
+    wrong. The common header costs ~1 us this way against ~6 us."""
+    raw = bytes(header).rstrip(b" ")
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(parsed) is not dict or orjson.dumps(parsed) != raw:
+        return None
+    return parsed
+
+
 def _parse_metadata(value: object) -> dict[str, str]:
     # The reference reader treats `"__metadata__": null` as absent, so we accept it too.
     if value is None:
@@ -171,12 +187,13 @@ def read_header(
     """The header's tensor entries and metadata, every entry checked against a data buffer of `data_len`
     bytes: the part of decoding that costs in proportion to the header (a long one is parsed off the
     event loop). More than `max_tensors` tensors are refused before any is looked at."""
-    try:
-        text = str(header, "utf-8")
-    except UnicodeDecodeError as exc:
-        _unparsable(f"the header is not valid UTF-8 ({exc.reason} at byte {exc.start})")
-
-    parsed = _parse_header(text)
+    parsed = _canonical_header(header)
+    if parsed is None:
+        try:
+            text = str(header, "utf-8")
+        except UnicodeDecodeError as exc:
+            _unparsable(f"the header is not valid UTF-8 ({exc.reason} at byte {exc.start})")
+        parsed = _parse_header(text)
     metadata = _parse_metadata(parsed.pop(_METADATA_KEY, None))
     if max_tensors is not None and len(parsed) > max_tensors:
         _invalid(f"the header describes {len(parsed)} tensors; at most {max_tensors} are allowed here")

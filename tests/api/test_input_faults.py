@@ -122,6 +122,19 @@ async def test_a_step_to_infinity_is_refused_skipped_or_applied_as_the_session_s
     assert (await client.get(f"/v1/sessions/{allowing}")).json()["step"] == 1
 
 
+@pytest.mark.parametrize("fmt", ["json", "safetensors"])
+@pytest.mark.parametrize("weight", [0.0, -2.225073858507e-311, -1.0])
+async def test_a_weight_is_a_number_above_zero_whatever_the_session(
+    client: httpx.AsyncClient, fmt: str, weight: float
+) -> None:
+    """Found by schemathesis: a step with a negative (subnormal) weight and no worker was answered 200."""
+    sid = await create(client, W, **SGD)
+    before = await state_of(client, sid)
+    answer = await step(client, sid, {"w": np.ones(3)}, fmt, weight=weight)
+    assert_problem(answer, 422, "weight")
+    assert await state_of(client, sid) == before
+
+
 @pytest.mark.parametrize(
     ("spec", "field"),
     [

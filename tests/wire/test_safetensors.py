@@ -447,3 +447,48 @@ def test_fuzz_we_accept_exactly_what_the_reference_accepts(
     assert (ours is None) == (expected is None)
     if ours is not None and expected is not None:
         assert_same(ours[0], expected)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _strict(raw: bytes) -> dict[str, Any] | None:
+    try:
+        return codec._parse_header(raw.decode("utf-8"))
+    except (WireError, UnicodeDecodeError):
+        return None
+
+
+@FUZZ
+@given(st.dictionaries(st.text(max_size=6), _JSON, max_size=5), st.data())
+def test_the_canonical_header_fast_path_reads_what_the_strict_parser_reads(
+    header: dict[str, Any], data: st.DataObject
+) -> None:
+    """`_canonical_header` answers only for headers the strict parser reads the same way (None for the rest,
+    which the strict parser then judges): compact or spaced, ASCII-escaped or not, with a key repeated,
+    padded with spaces, and NaN or Infinity, which the strict parser refuses."""
+    text = json.dumps(
+        header,
+        separators=data.draw(st.sampled_from([(",", ":"), (", ", ": ")])),
+        ensure_ascii=data.draw(st.booleans()),
+    )
+    if header and data.draw(st.booleans()):  # the first key again, at the end
+        first = json.dumps(next(iter(header)), ensure_ascii=False)
+        text = text[:-1] + f",{first}:1}}"
+    raw = text.encode("utf-8") + b" " * data.draw(st.integers(0, 7))
+    fast = codec._canonical_header(raw)
+    if fast is not None:
+        assert fast == _strict(raw)
+        assert json.dumps(fast) == json.dumps(_strict(raw))  # the same order of keys too
+
+
+def test_the_canonical_fast_path_takes_the_reference_writers_headers() -> None:
+    body = safetensors.numpy.save({"w": np.zeros(3, np.float32)}, metadata={"loss": "0.5"})
+    start = codec.header_end(body)
+    assert codec._canonical_header(body[8:start]) is not None

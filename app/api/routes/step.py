@@ -13,14 +13,17 @@ from __future__ import annotations
 import re
 
 import xxhash
-from starlette.requests import Request
+from starlette.datastructures import QueryParams
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from app.api import bodies
-from app.api.deps import get_offload, get_service, get_tenant, read_body
+from app.api.deps import receive_body, tenant_for
 from app.api.errors import to_problem
+from app.api.offload import Offload
+from app.sessions import SessionService
 from app.wire.errors import WireError
 from app.wire.negotiate import request_format, response_format
 
@@ -43,24 +46,41 @@ def _return_params(raw: str | None) -> bool:
         raise WireError(f"expected true or false, got {raw!r}", field="return_params") from None
 
 
-async def step(request: Request) -> Response:
+# the request headers the step reads; the first of each counts (as Starlette's `Headers.get`)
+_READ = frozenset({b"authorization", b"content-type", b"content-length", b"accept", b"idempotency-key"})
+
+
+def _head(scope: Scope) -> dict[bytes, str]:
+    """The headers `_READ` names, from the raw list in one pass (latin-1, as HTTP/1.1 carries them)."""
+    head: dict[bytes, str] = {}
+    for name, value in scope["headers"]:
+        if name in _READ and name not in head:
+            head[name] = value.decode("latin-1")
+    return head
+
+
+async def step(scope: Scope, receive: Receive) -> Response:
     """Apply one optimizer step; answer the new step, lr, and (unless return_params=false) parameters."""
-    tenant = await get_tenant(request)
+    state = scope["app"].state
+    head = _head(scope)
+    tenant = tenant_for(state.api_keys, head.get(b"authorization"))
+    query = scope["query_string"]
     # most steps have no query: its parsing is skipped then
-    return_params = (
-        _return_params(request.query_params.get("return_params")) if request.scope["query_string"] else True
-    )
-    key = request.headers.get("idempotency-key")
+    return_params = _return_params(QueryParams(query).get("return_params")) if query else True
+    key = head.get(b"idempotency-key")
     if key is not None and len(key) > MAX_KEY_LENGTH:
         raise WireError(f"at most {MAX_KEY_LENGTH} characters, got {len(key)}", field="Idempotency-Key")
-    fmt = request_format(request.headers.get("content-type"))
-    answer = response_format(request.headers.get("accept"), fmt)
-    body = await read_body(request)
-    offload = await get_offload(request)
+    content_type = head.get(b"content-type")
+    fmt = request_format(content_type)
+    answer = response_format(head.get(b"accept"), fmt)
+    body = await receive_body(
+        receive, state.settings, state.inflight, content_type, head.get(b"content-length")
+    )
+    offload: Offload = state.offload
     parsed = await bodies.read_step(offload, body, fmt)
-    service = await get_service(request)
+    service: SessionService = state.service
     render = bodies.render_step(answer, return_params, offload)
-    session_id = request.path_params["session_id"]
+    session_id = scope["path_params"]["session_id"]
     response: Response
     if parsed.worker is not None:
         # a worker's request in a round: its Idempotency-Key (if any) and body; a resend carries both
@@ -94,8 +114,13 @@ async def step(request: Request) -> Response:
     return response
 
 
+async def _starlette_step(request: Request) -> Response:
+    """The route's endpoint, for FastAPI's routing (which `StepFastPath` keeps POSTs from)."""
+    return await step(request.scope, request.receive)
+
+
 # The route is matched only for the methods StepFastPath passes on, which it answers with 405.
-route = Route(PATH, step, methods=["POST"], include_in_schema=False)
+route = Route(PATH, _starlette_step, methods=["POST"], include_in_schema=False)
 _PATH = re.compile(r"/v1/sessions/([^/]+)/step")
 
 
@@ -114,7 +139,9 @@ class StepFastPath:
         scope["route"] = route  # the metrics label requests by their route
         scope["path_params"] = {"session_id": match[1]}
         try:
-            response = await step(Request(scope, receive))
+            response = await step(scope, receive)
+        except ClientDisconnect:
+            return  # the client left before its body arrived: nothing was applied, and nobody to answer
         except Exception as exc:  # every error becomes its problem+json, as the app's handlers do
             response = to_problem(exc)
         await response(scope, receive, send)
