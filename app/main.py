@@ -25,6 +25,7 @@ from app.api.routes import catalogue, docs, health, sessions, step, ui
 from app.memory import keep_freed_memory_for_reuse, trim_freed_memory
 from app.metrics import Metrics, MetricsMiddleware
 from app.optim import fused
+from app.optim.engine import StepOutcome
 from app.sessions import SessionService
 from app.settings import Settings
 from app.store.base import Quota, Store
@@ -102,8 +103,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     metrics = Metrics()
     offload = Offload(settings.parse_workers)
-    counted = {skipped: metrics.steps.labels(str(skipped).lower()) for skipped in (False, True)}
-    service.on_step = lambda outcome: counted[outcome.skipped].inc()
+    counted = metrics.stats.steps
+
+    def count(outcome: StepOutcome) -> None:
+        counted[outcome.skipped] += 1
+
+    service.on_step = count
     keys = [k.encode() for k in settings.key_list()]
 
     @contextlib.asynccontextmanager

@@ -14,6 +14,11 @@ def total_norm(grads: Sequence[Array]) -> float:
     """L2 norm over all gradients as one vector (torch's `_get_total_norm`), in the widest dtype."""
     if not grads:
         return 0.0
+    if len(grads) == 1:
+        # the norm of the one norm, as below: its square (rounded to its dtype) and the root of that
+        (one,) = grads
+        norm = _l2(one.reshape(-1))
+        return float(np.sqrt(norm * norm))
     dtype = np.result_type(*grads)
     norms = np.array([_l2(g.reshape(-1)) for g in grads], dtype=dtype)
     return float(_l2(norms))

@@ -42,17 +42,22 @@ def available() -> bool:
 def usable(param: Array, grad: Array, *state: Array | None) -> bool:
     """Whether the kernels can take this parameter: `available()`, and every array (None slots skipped) is
     C-contiguous, aligned, float32/float64 of the parameter's dtype and shape, all but `grad` writeable."""
-    if not available() or param.dtype not in DTYPES:
+    if not ENABLED or not HAVE_NUMBA or param.dtype not in DTYPES:
         return False
-    written = [param, *(s for s in state if s is not None)]
-    return all(
-        a.dtype == param.dtype and a.shape == param.shape and a.flags.c_contiguous and a.flags.aligned
-        for a in [grad, *written]
-    ) and all(a.flags.writeable for a in written)
+    dtype, shape = param.dtype, param.shape
+    for a in (param, grad, *state):  # a loop, not all() over a generator: this runs on every step
+        if a is None:
+            continue
+        if a.dtype != dtype or a.shape != shape:
+            return False
+        flags = a.flags
+        if not (flags.c_contiguous and flags.aligned and (flags.writeable or a is grad)):
+            return False
+    return True
 
 
 def _flat(a: Array) -> Array:
-    return a.reshape(-1)  # a view: every array here is C-contiguous
+    return a if a.ndim == 1 else a.reshape(-1)  # a view: every array here is C-contiguous
 
 
 # float32's largest value and 2**128, halfway between: from here on a float64 rounds to inf (the tie to

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from app.optim import clip
 from app.optim.checkpoint import restore
 from app.optim.engine import Engine, StepError
 from app.optim.hparams import SpecError
@@ -204,3 +205,19 @@ def test_preview_matches_a_torch_scheduler() -> None:
         opt.step()
         sched.step()
     assert values == [pytest.approx(expected, rel=1e-12)]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("size", [0, 1, 7, 1000, (1 << 16) + 3])
+@pytest.mark.parametrize("scale", [1e-160, 1e-30, 1e-22, 1e-20, 1e-3, 1.0, 1e20, 1e300])
+def test_the_norm_of_one_gradient_is_the_norm_of_norms_the_general_path_takes(
+    dtype: type, size: int, scale: float
+) -> None:
+    """`clip.total_norm` of one gradient shortcuts the norm of the one-element vector of norms; the bits are
+    those of the general path (checked by giving it the gradient next to an empty one)."""
+    rng = np.random.default_rng(size)
+    with np.errstate(over="ignore"):
+        grad = (rng.standard_normal(size) * scale).astype(dtype)
+        alone = clip.total_norm([grad])
+        general = clip.total_norm([grad, np.zeros(0, dtype)])
+    assert np.float64(alone).tobytes() == np.float64(general).tobytes()

@@ -1,0 +1,65 @@
+"""The request metrics are kept as plain numbers (app.metrics.RequestStats) and must read as
+prometheus_client's own Counter and Histogram would have."""
+
+from __future__ import annotations
+
+import random
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from app.metrics import LATENCY_BUCKETS, Metrics
+
+
+def _samples(text: bytes) -> set[str]:
+    return {
+        line
+        for line in text.decode().splitlines()
+        if line and not line.startswith("#") and "_created" not in line
+    }
+
+
+def test_request_stats_read_as_prometheus_clients_own_metrics() -> None:
+    ours = Metrics()
+    registry = CollectorRegistry()
+    requests = Counter(
+        "optserve_requests_total", "HTTP requests", ["method", "route", "status"], registry=registry
+    )
+    latency = Histogram(
+        "optserve_request_duration_seconds",
+        "request latency",
+        ["method", "route"],
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
+    bytes_in = Counter("optserve_request_bytes_total", "request body bytes", registry=registry)
+    bytes_out = Counter("optserve_response_bytes_total", "response body bytes", registry=registry)
+    rng = random.Random(0)
+    edges = [*LATENCY_BUCKETS, 0.0, 1e-7, 60.0]  # values on a bucket's bound fall in it ("le")
+    for _ in range(500):
+        method, route, status = (
+            rng.choice(["GET", "POST"]),
+            rng.choice(["/a", "/b/{id}"]),
+            rng.choice([200, 422]),
+        )
+        seconds = rng.choice(edges) if rng.random() < 0.3 else rng.expovariate(50)
+        received, sent = rng.randrange(10_000), rng.randrange(10_000)
+        ours.stats.record(method, route, status, seconds, received, sent)
+        requests.labels(method, route, str(status)).inc()
+        latency.labels(method, route).observe(seconds)
+        bytes_in.inc(received)
+        bytes_out.inc(sent)
+    theirs = _samples(generate_latest(registry))
+    mine = {
+        line
+        for line in _samples(ours.render())
+        if not line.startswith(("optserve_steps", "optserve_sessions"))
+    }
+
+    def rounded(lines: set[str]) -> set[str]:  # sums of floats: the same to 9 digits
+        return {
+            line if "_sum" not in line else line.rsplit(" ", 1)[0] + f" {float(line.rsplit(' ', 1)[1]):.9g}"
+            for line in lines
+        }
+
+    assert len(theirs) > 4 * 16  # every (method, route) histogram, its buckets and count
+    assert rounded(mine) == rounded(theirs)
