@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from app.wire import jsontensor
 from app.wire.common import PARAM_DTYPES
 from app.wire.errors import WireError
 from app.wire.jsontensor import decode_tensor, dumps, encode_tensor, loads
@@ -276,3 +277,43 @@ def test_dumps_writes_numpy_natively() -> None:
 def test_dumps_writes_non_finite_values_as_null() -> None:
     # Documented orjson behaviour that callers must know about: JSON has no NaN/Infinity.
     assert dumps(np.array([np.nan, np.inf], np.float32)) == b"[null,null]"
+
+
+_ELEMENT = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.0, 1.0, -0.0, 0, 1, True, False, None, "1.5", "0", [1.0], [], {}, 10**400, -(2**70)]),
+    st.integers(-(2**60), 2**60),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_ELEMENT, max_size=12), st.sampled_from(["float32", "float64"]))
+def test_a_flat_list_is_read_as_when_every_elements_type_was_checked(values: list[Any], dtype: str) -> None:
+    """A flat list's numbers are checked without looking at each element's type (jsontensor._numbers); what
+    it accepts and refuses, and the values it reads, are those of the strict per-element check."""
+    with np.errstate(over="ignore"):
+        strict: Any
+        try:
+            jsontensor._check_types("x.data", values)
+            strict = jsontensor._check_finite(
+                "x.data", jsontensor._convert("x.data", values, np.dtype(dtype), flat=True)
+            )
+        except WireError as exc:
+            strict = exc.detail
+        try:
+            fast: Any = decode_tensor({"shape": [len(values)], "dtype": dtype, "data": values}, dtype, "x")
+        except WireError as exc:
+            fast = exc.detail
+        try:
+            bare: Any = decode_tensor(values, dtype, "x.data")
+        except WireError as exc:
+            bare = exc.detail
+    # a bare list with lists in it is a nested tensor, read by another path
+    for got in (fast, bare) if not any(type(v) is list for v in values) else (fast,):
+        if isinstance(strict, str):
+            assert isinstance(got, str)
+            assert got.split(":", 1)[-1] == strict.split(":", 1)[-1]
+        else:
+            assert isinstance(got, np.ndarray)
+            assert got.dtype == strict.dtype
+            assert got.tobytes() == strict.tobytes()
