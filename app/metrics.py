@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 LARGE_BYTES = 1 << 20
 
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BOUNDS = [floatToGoString(b) for b in LATENCY_BUCKETS]  # type: ignore[no-untyped-call]
 
@@ -128,6 +129,7 @@ class MetricsMiddleware:
             if large or received + sent >= LARGE_BYTES:
                 self.metrics.last_large_done = time.monotonic()
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.stats.record(
-                scope["method"], route, status, time.perf_counter() - start, received, sent
-            )
+            method = scope["method"]
+            if method not in METHODS:  # any token is a method to uvicorn: labels stay a bounded set
+                method = "OTHER"
+            self.metrics.stats.record(method, route, status, time.perf_counter() - start, received, sent)

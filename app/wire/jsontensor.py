@@ -55,7 +55,8 @@ def _numbers(field: str, values: list[Any], dtype: np.dtype[Any]) -> Array | Non
     Checked without looking at the type of every element (`_check_types` costs ~18 ns per element, about
     what parsing it costs): `sum` raises TypeError for anything but numbers and booleans (strings, null,
     lists, objects), and a boolean becomes exactly 0.0 or 1.0, so only the elements converted to those are
-    looked at. A list of mostly zeros and ones costs what `_check_types` costs."""
+    looked at; when they are many, every element's type is (a list of mostly zeros and ones costs what
+    `_check_types` costs)."""
     try:
         sum(values)
     except (TypeError, OverflowError):  # OverflowError: an int beyond a float's range beside a float
@@ -64,8 +65,13 @@ def _numbers(field: str, values: list[Any], dtype: np.dtype[Any]) -> Array | Non
         arr = _convert(field, values, dtype, flat=True)
     except WireError:  # out of range: said once every element is known to be a number
         return None
-    suspects = np.flatnonzero((arr == 0) | (arr == 1))
-    if suspects.size and any(type(values[i]) is bool for i in suspects.tolist()):
+    # a mask of a byte per element (a float64 array's eighth), and indices only when they are few
+    suspect = arr == 0
+    suspect |= arr == 1
+    count = int(np.count_nonzero(suspect))
+    if count > len(values) >> 4:  # many zeros and ones: every type at C speed is cheaper
+        return arr if set(map(type, values)) <= _NUMBER_TYPES else None
+    if count and any(type(values[i]) is bool for i in np.flatnonzero(suspect).tolist()):
         return None
     return arr
 

@@ -286,8 +286,15 @@ _ELEMENT = st.one_of(
 )
 
 
+# a few of any element among many ordinary numbers: long lists take the path that looks at few elements
+_SPARSE = st.tuples(
+    st.lists(st.floats(-10, 10).filter(lambda x: x not in (0.0, 1.0)), min_size=16, max_size=80),
+    st.lists(st.tuples(st.integers(0, 79), _ELEMENT), max_size=3),
+).map(lambda t: [v for i, x in enumerate(t[0]) for v in ([y for j, y in t[1] if j == i] or [x])])
+
+
 @settings(max_examples=400, deadline=None)
-@given(st.lists(_ELEMENT, max_size=12), st.sampled_from(["float32", "float64"]))
+@given(st.lists(_ELEMENT, max_size=12) | _SPARSE, st.sampled_from(["float32", "float64"]))
 def test_a_flat_list_is_read_as_when_every_elements_type_was_checked(values: list[Any], dtype: str) -> None:
     """A flat list's numbers are checked without looking at each element's type (jsontensor._numbers); what
     it accepts and refuses, and the values it reads, are those of the strict per-element check."""
