@@ -8,11 +8,14 @@ metadata and headers, and keeps the arrays in a dict. No tenant, body bounds, lo
 store, metrics or problem+json: what is left of optserve's request path is everything this leaves out.
 
 Run: `python -m bench.lean_step` serves it and drives it and the echo app with section d's generator, in
-A B B A order, and prints requests/s.
+A B B A order, and prints requests/s. `in_process()` (section d's info lines, or `python -m bench.lean_step
+--in-process`) drives optserve's app, the echo app and this one through ASGI in this process, no sockets:
+what each costs per request apart from the server and the network.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -22,7 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from app.optim import fused
 from app.optim.adam import _adam_scalars
@@ -89,6 +92,96 @@ async def lean_app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": answer})
 
 
+async def _per_request(app: Any, scopes: list[Scope], body: bytes, n: int, rounds: int) -> float:
+    """The least mean seconds per request over `rounds` rounds of `n` requests through `app` in turn to each
+    of `scopes` (after a warm-up), each answered 200."""
+    answer: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Message) -> None:
+        answer.append(message)
+
+    async def one(scope: Scope) -> None:
+        answer.clear()
+        await app(dict(scope), receive, send)
+        if answer[0]["status"] != 200:
+            raise RuntimeError(
+                f"{scope['path']}: {answer[0]['status']} {answer[-1].get('body', b'')[:200]!r}"
+            )
+
+    for i in range(min(n, 300)):
+        await one(scopes[i % len(scopes)])
+    best = math.inf
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for i in range(n):
+            await one(scopes[i % len(scopes)])
+        best = min(best, (time.perf_counter() - start) / n)
+    return best
+
+
+def in_process(numel: int = 10_000, sessions: int = 32, n: int = 1500, rounds: int = 7) -> dict[str, float]:
+    """Seconds per request, in this process through ASGI (no sockets, no server), of optserve's step on
+    `memory://` (`sessions` sessions of `numel` float32 Adam parameters, stepped in turn, safetensors both
+    ways, as section d sends them), of the bare FastAPI echo with the same bodies, and of `lean_app`."""
+    import asyncio
+
+    from app.main import create_app
+    from app.settings import Settings
+    from bench.common import create_body, grads_of
+    from bench.echo_app import create_echo_app
+
+    body = safetensors.encode_bytes({"w": grads_of(numel)}, {"loss": "0.5"})
+    st = b"application/vnd.safetensors"
+
+    def scope(path: str) -> Scope:
+        headers = [(b"host", b"bench"), (b"content-type", st), (b"accept", st)]
+        headers.append((b"content-length", b"%d" % len(body)))
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+            "state": {},
+        }
+
+    async def run() -> dict[str, float]:
+        optserve = create_app(Settings(store="memory://", max_sessions_per_key=1_000_000))
+        async with optserve.router.lifespan_context(optserve):
+            created = []
+            for _ in range(sessions):
+                answer: list[Message] = []
+                create = {**scope("/v1/sessions"), "headers": [(b"content-type", b"application/json")]}
+
+                async def receive() -> Message:
+                    return {"type": "http.request", "body": create_body(numel), "more_body": False}
+
+                async def send(message: Message, answer: list[Message] = answer) -> None:
+                    answer.append(message)
+
+                await optserve(create, receive, send)
+                created.append(orjson.loads(answer[-1]["body"])["id"])
+            paths = [f"/v1/sessions/{sid}/step" for sid in created]
+            scopes = [scope(path) for path in paths]
+            return {
+                "optserve step": await _per_request(optserve, scopes, body, n, rounds),
+                "bare FastAPI echo": await _per_request(create_echo_app(), scopes, body, n, rounds),
+                "lean step (arithmetic only)": await _per_request(lean_app, scopes, body, n, rounds),
+            }
+
+    return asyncio.run(run())
+
+
 def serve(port: int) -> None:
     import uvicorn
 
@@ -105,6 +198,10 @@ def main() -> int:
 
     if sys.argv[1:2] == ["--serve"]:
         serve(int(sys.argv[2]))
+        return 0
+    if sys.argv[1:2] == ["--in-process"]:
+        for name, seconds in in_process().items():
+            print(f"{name:>28}: {seconds * 1e6:.1f} us per request in process")
         return 0
     port = free_port()
     lean = subprocess.Popen([sys.executable, "-m", "bench.lean_step", "--serve", str(port)])

@@ -46,6 +46,7 @@ from bench.common import (
     pid_of,
     table,
 )
+from bench.lean_step import in_process
 from bench.rawhttp import AsyncRawClient, request_head
 
 CONNECTIONS = 32
@@ -209,6 +210,12 @@ def run(quick: bool = False, servers: Servers | None = None) -> Section:
             "req/s",
         ),
     ]
+    # the same requests in this process through ASGI: each app's own cost, apart from server and network
+    alone = in_process(NUMEL, CONNECTIONS, n=300 if quick else 1500, rounds=2 if quick else 7)
+    echo_us = alone["bare FastAPI echo"] * 1e6
+    for name, what in (("optserve step", "step"), ("lean step (arithmetic only)", "arithmetic-only step")):
+        measure = f"10k-param {what} in process (ASGI), us"
+        measures.append(Measure("d", measure, alone[name] * 1e6, echo_us, "bare FastAPI echo", "us"))
     notes = [
         f"{CONNECTIONS} keep-alive connections, one request in flight each, each on its own session of "
         f"{NUMEL:,} float32 Adam parameters; safetensors both ways ({len(_body(NUMEL, 0)):,} bytes per "
@@ -217,6 +224,11 @@ def run(quick: bool = False, servers: Servers | None = None) -> Section:
         "CPU columns are CPU seconds per wall second over the counted window (100% = one core; all threads). "
         "The ceiling run shows what the generator can drive when the server costs almost nothing.",
         *httpx_note,
+        "In process: the same bodies sent to optserve's app, the echo app and `bench/lean_step.py`'s "
+        "arithmetic-only step through ASGI in one process (no sockets, no uvicorn), the least mean of "
+        f"{'2' if quick else '7'} rounds: "
+        + ", ".join(f"{name} {seconds * 1e6:.1f} us" for name, seconds in alone.items())
+        + " per request. Over the wire each adds the same server and network cost per request.",
     ]
     return Section("d", "Concurrent load: optserve vs a bare FastAPI echo", COLUMNS, rows, measures, notes)
 
@@ -249,6 +261,10 @@ def main() -> int:
         return 0
     section = run(quick=args.quick)
     print(table(section.rows, section.columns))
+    for note in section.notes:
+        print(f"\n{note}")
+    for measure in section.measures:
+        print(measure.row())
     return 0
 
 
