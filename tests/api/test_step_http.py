@@ -69,3 +69,52 @@ async def test_http_steps_match_torch(
         lr = answer.json()["lr"] if request_fmt == "json" and not accept else None
         if lr is not None:
             assert lr == pytest.approx(twin.lr(), rel=1e-12)
+
+
+async def test_a_client_that_leaves_before_its_body_arrived_gets_no_answer_and_changes_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The step reads its body by `receive()`: an `http.disconnect` there ends the request with nothing
+    applied, nothing sent and nothing logged as an error (it used to be a logged 500)."""
+    from app.main import create_app
+    from app.settings import Settings
+
+    app = create_app(Settings(store="memory://"))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://optserve.test") as client:
+            sid = await create(client, {"w": np.ones(3, np.float32)}, optimizer={"name": "sgd", "lr": 0.1})
+            before = (await client.get(f"/v1/sessions/{sid}/checkpoint")).content
+        path = f"/v1/sessions/{sid}/step"
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", ST.encode()), (b"content-length", b"1000")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+            "state": {},
+        }
+        sent: list[dict[str, Any]] = []
+        messages = iter(
+            [{"type": "http.request", "body": b"\x10" * 10, "more_body": True}, {"type": "http.disconnect"}]
+        )
+
+        async def receive() -> dict[str, Any]:
+            return next(messages)
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        with caplog.at_level("ERROR"):
+            await app(scope, receive, send)
+        assert sent == []
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        async with httpx.AsyncClient(transport=transport, base_url="http://optserve.test") as client:
+            assert (await client.get(f"/v1/sessions/{sid}/checkpoint")).content == before
