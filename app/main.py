@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import __version__
 from app.api import errors
-from app.api.deps import InflightBytes
+from app.api.deps import BodyDeadlines, InflightBytes
 from app.api.offload import Offload
 from app.api.openapi import COMPONENTS, STEP_OPERATION, secure
 from app.api.routes import catalogue, docs, health, sessions, step, ui
@@ -143,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.api_keys = keys
     app.state.inflight = InflightBytes(settings.max_inflight_bytes)
+    app.state.deadlines = BodyDeadlines()
     app.state.offload = offload
     errors.install(app)
     app.router.routes.append(step.route)

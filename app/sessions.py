@@ -274,6 +274,9 @@ class SessionService:
         self._cache_limit = cache_bytes
         self._cache_bytes = 0
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # the locks of cached sessions, held strongly: a request finds its session's lock instead of making
+        # one (and registering it weakly) each time
+        self._cached_locks: dict[str, asyncio.Lock] = {}
         self._rounds: dict[str, Round] = {}
         self._finished: dict[str, RoundResult] = {}
         # the gradients that waiting contributions hold, against OPTSERVE_MAX_ROUND_BYTES
@@ -294,6 +297,9 @@ class SessionService:
     # -- plumbing ---------------------------------------------------------------------------------
 
     def _lock(self, session_id: str) -> asyncio.Lock:
+        lock = self._cached_locks.get(session_id)
+        if lock is not None:
+            return lock
         lock = self._locks.get(session_id)
         if lock is None:
             lock = asyncio.Lock()
@@ -309,11 +315,13 @@ class SessionService:
         """Caches a live engine; least recently used ones go when the cache outgrows its budget."""
         self._forget(meta.id)
         self._cache[meta.id] = (meta, engine)
+        self._cached_locks[meta.id] = self._lock(meta.id)
         self._cache_bytes += engine.nbytes
         while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
             self._forget(next(iter(self._cache)))
 
     def _forget(self, session_id: str) -> None:
+        self._cached_locks.pop(session_id, None)  # a holder or waiter keeps it, and `_locks` finds it
         entry = self._cache.pop(session_id, None)
         if entry is not None:
             self._cache_bytes -= entry[1].nbytes

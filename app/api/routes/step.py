@@ -74,7 +74,7 @@ async def step(scope: Scope, receive: Receive) -> Response:
     fmt = request_format(content_type)
     answer = response_format(head.get(b"accept"), fmt)
     body = await receive_body(
-        receive, state.settings, state.inflight, content_type, head.get(b"content-length")
+        receive, state.settings, state.inflight, state.deadlines, content_type, head.get(b"content-length")
     )
     offload: Offload = state.offload
     parsed = await bodies.read_step(offload, body, fmt)
