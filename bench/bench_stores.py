@@ -15,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -67,22 +68,17 @@ def disk_floor(directory: Path, numel: int, repeat: int) -> float:
     """The disk's limit for one durable Adam step in this directory: 12 bytes per parameter (params and
     both moments, float32) written over a file of that size and fdatasync'ed, as the SQLite store writes
     its state; the median seconds."""
-    data = np.random.default_rng(0).standard_normal(3 * numel).astype(np.float32)
-    path = directory / "floor.bin"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, data.nbytes)
+    data = memoryview(np.random.default_rng(0).standard_normal(3 * numel).astype(np.float32)).cast("B")
+
+    def allocate(fd: int) -> None:
+        os.posix_fallocate(fd, 0, len(data))
         os.fsync(fd)
-        times = []
-        for _ in range(repeat + 2):
-            start = time.perf_counter()
-            os.pwrite(fd, memoryview(data).cast("B"), 0)
-            os.fdatasync(fd)
-            times.append(time.perf_counter() - start)
-    finally:
-        os.close(fd)
-        path.unlink()
-    return statistics.median(times[2:])
+
+    def overwrite(fd: int) -> None:
+        os.pwrite(fd, data, 0)
+        os.fdatasync(fd)
+
+    return _timed_writes(directory / "floor.bin", os.O_RDWR, overwrite, repeat, allocate)
 
 
 def append_floor(directory: Path, numel: int, repeat: int) -> float:
@@ -91,15 +87,32 @@ def append_floor(directory: Path, numel: int, repeat: int) -> float:
     `CHUNK_BYTES`, fsync'ed after each, as Redis fsyncs after each event-loop turn that read a chunk; the
     median seconds."""
     data = memoryview(np.random.default_rng(1).standard_normal(numel).astype(np.float32)).cast("B")
-    path = directory / "append.bin"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def append(fd: int) -> None:
+        for begin in range(0, len(data), CHUNK_BYTES):
+            os.write(fd, data[begin : begin + CHUNK_BYTES])
+            os.fsync(fd)
+
+    return _timed_writes(directory / "append.bin", os.O_WRONLY | os.O_APPEND, append, repeat)
+
+
+def _timed_writes(
+    path: Path,
+    flags: int,
+    write: Callable[[int], None],
+    repeat: int,
+    prepare: Callable[[int], None] | None = None,
+) -> float:
+    """The median seconds of `write(fd)` on a new file at `path` (`flags` | O_CREAT), after 2 untimed
+    runs and `prepare(fd)`; the file is removed after."""
+    fd = os.open(path, flags | os.O_CREAT, 0o600)
     try:
+        if prepare is not None:
+            prepare(fd)
         times = []
         for _ in range(repeat + 2):
             start = time.perf_counter()
-            for begin in range(0, len(data), CHUNK_BYTES):
-                os.write(fd, data[begin : begin + CHUNK_BYTES])
-                os.fsync(fd)
+            write(fd)
             times.append(time.perf_counter() - start)
     finally:
         os.close(fd)

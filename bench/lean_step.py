@@ -132,28 +132,14 @@ def in_process(numel: int = 10_000, sessions: int = 32, n: int = 1500, rounds: i
     from app.settings import Settings
     from bench.common import create_body, grads_of
     from bench.echo_app import create_echo_app
+    from tests.asgi import post_scope
 
     body = safetensors.encode_bytes({"w": grads_of(numel)}, {"loss": "0.5"})
     st = b"application/vnd.safetensors"
 
     def scope(path: str) -> Scope:
         headers = [(b"host", b"bench"), (b"content-type", st), (b"accept", st)]
-        headers.append((b"content-length", b"%d" % len(body)))
-        return {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": headers,
-            "client": ("127.0.0.1", 1),
-            "server": ("127.0.0.1", 80),
-            "state": {},
-        }
+        return post_scope(path, [*headers, (b"content-length", b"%d" % len(body))])
 
     async def run() -> dict[str, float]:
         optserve = create_app(Settings(store="memory://", max_sessions_per_key=1_000_000))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.api.helpers import ST, TorchTwin, create, params_of, step
+from tests.asgi import post_scope
 from tests.optim.oracle import TOL, gradient, initial_params
 
 SHAPES = {"w": (6, 5), "b": (5,)}
@@ -85,22 +86,9 @@ async def test_a_client_that_leaves_before_its_body_arrived_gets_no_answer_and_c
         async with httpx.AsyncClient(transport=transport, base_url="http://optserve.test") as client:
             sid = await create(client, {"w": np.ones(3, np.float32)}, optimizer={"name": "sgd", "lr": 0.1})
             before = (await client.get(f"/v1/sessions/{sid}/checkpoint")).content
-        path = f"/v1/sessions/{sid}/step"
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"content-type", ST.encode()), (b"content-length", b"1000")],
-            "client": ("127.0.0.1", 1),
-            "server": ("127.0.0.1", 80),
-            "state": {},
-        }
+        scope = post_scope(
+            f"/v1/sessions/{sid}/step", [(b"content-type", ST.encode()), (b"content-length", b"1000")]
+        )
         sent: list[dict[str, Any]] = []
         messages = iter(
             [{"type": "http.request", "body": b"\x10" * 10, "more_body": True}, {"type": "http.disconnect"}]
