@@ -159,7 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, **cors_options(origins))
     # the step is answered before FastAPI's own middleware and routing (OptserveApp), counted by the same
     # metrics, with the same CORS headers
-    step_stack: ASGIApp = MetricsMiddleware(step.StepFastPath(), metrics=metrics)
+    step_stack: ASGIApp = MetricsMiddleware(step.StepFastPath(step.StepContext(app.state)), metrics=metrics)
     if origins:
         step_stack = CORSMiddleware(step_stack, **cors_options(origins))
     app.step_stack = step_stack
@@ -187,10 +187,14 @@ class OptserveApp(FastAPI):
     step_stack: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.step_stack is not None and step.StepFastPath.matches(scope):
-            scope["app"] = self
-            await self.step_stack(scope, receive, send)
-            return
+        if self.step_stack is not None:
+            session_id = step.session_of(scope)
+            if session_id is not None:
+                scope["app"] = self
+                scope["path_params"] = {"session_id": session_id}
+                scope["route"] = step.route  # the metrics label requests by their route
+                await self.step_stack(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 

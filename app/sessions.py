@@ -47,6 +47,7 @@ from app.store.base import (
     Store,
     StoreError,
 )
+from app.values import immutable
 
 T = TypeVar("T")
 Render = Callable[[StepOutcome, Mapping[str, Array], bool], Awaitable[T]]
@@ -117,7 +118,7 @@ class UnreadableSession(Exception):
         )
 
 
-@dataclass(frozen=True)
+@immutable
 class Written:
     """What one write leaves behind: the new engine, and the rows that commit with it."""
 
@@ -171,7 +172,7 @@ def record_of(meta: SessionMeta, engine: Engine) -> SessionRecord:
     return SessionRecord(meta, description, tensors)
 
 
-@dataclass(frozen=True)
+@immutable
 class SessionInfo:
     meta: SessionMeta
     step: int
@@ -313,9 +314,12 @@ class SessionService:
 
     def _remember(self, meta: SessionMeta, engine: Engine) -> None:
         """Caches a live engine; least recently used ones go when the cache outgrows its budget."""
-        self._forget(meta.id)
+        entry = self._cache.pop(meta.id, None)  # and in again, last: the most recently used
+        if entry is not None:
+            self._cache_bytes -= entry[1].nbytes
+        else:
+            self._cached_locks[meta.id] = self._lock(meta.id)
         self._cache[meta.id] = (meta, engine)
-        self._cached_locks[meta.id] = self._lock(meta.id)
         self._cache_bytes += engine.nbytes
         while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
             self._forget(next(iter(self._cache)))

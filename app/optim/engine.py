@@ -13,17 +13,17 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from app.optim import clip
-from app.optim.base import Array, State
+from app.optim.base import Array, Optimizer, State
 from app.optim.hparams import to_json
 from app.optim.registry import get_optimizer
 from app.optim.schedulers import Scheduler, advance_epoch
 from app.optim.spec import SESSION_OPTIONS, validate
+from app.values import immutable
 
 SNAPSHOT_FORMAT = 1
 # Step counts stay exact as JSON numbers in every language (IEEE doubles) and far from SQLite's int64.
@@ -39,7 +39,7 @@ class StepError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
-@dataclass(frozen=True)
+@immutable
 class StepOutcome:
     step: int
     lr: list[float]
@@ -49,7 +49,7 @@ class StepOutcome:
     workers: tuple[str, ...] = ()  # a synchronous round's contributors, sorted
 
 
-@dataclass(frozen=True)
+@immutable
 class PreparedStep:
     """A validated step: gradients cast to their parameters' dtypes, grouped, not yet applied."""
 
@@ -75,9 +75,12 @@ class Engine:
         losses: list[float] | None = None,
         sizes: Engine | None = None,
     ) -> None:
-        """`sizes`: an engine with the same shapes, whose element and byte counts are taken over."""
+        """`sizes`: an engine with the same options and shapes, whose optimizer and element and byte counts
+        are taken over."""
         self.options = options
-        self.optimizer = get_optimizer(options["optimizer"]["name"])
+        self.optimizer: Optimizer = (
+            get_optimizer(options["optimizer"]["name"]) if sizes is None else sizes.optimizer
+        )
         self.params = params
         self.states = states
         self.groups = groups
@@ -87,8 +90,13 @@ class Engine:
         self.losses: list[float] = losses or []
         self.numel: int
         self.nbytes: int
+        # the groups as JSON, made by the first snapshot and kept by the engines that follow with the same
+        # groups (a step without a scheduler advance): a snapshot is taken at every step
+        self._groups_json: list[dict[str, Any]] | None = None
         if sizes is not None:
             self.numel, self.nbytes = sizes.numel, sizes.nbytes
+            if groups is sizes.groups:
+                self._groups_json = sizes._groups_json
             return
         self.numel = sum(p.size for p in params.values())
         state_bytes = sum(v.nbytes for slots in states.values() for v in slots.values())
@@ -205,15 +213,7 @@ class Engine:
             raise StepError(
                 "loss", f"must be a finite number, got {loss!r} (session option nonfinite='error')"
             )
-        cast: dict[str, Array] = {}
-        with np.errstate(over="ignore", invalid="ignore"):
-            # a float64 beyond float32's range becomes inf: the nonfinite policy decides
-            for name, g in grads.items():
-                dtype = self.params[name].dtype
-                cast[name] = g if g.dtype == dtype else g.astype(dtype)
-            # the norm (before clipping) is also the finiteness check: finite squares sum to a finite
-            # number or overflow to inf, which only a second look tells from NaN or Infinity
-            grad_norm = clip.total_norm(list(cast.values()))
+        cast, grad_norm = _cast_and_norm(grads, self.params)
         if not math.isfinite(grad_norm):
             bad = next((n for n, g in cast.items() if not np.isfinite(g).all()), None)
             if bad is not None and self.options["nonfinite"] == "skip":
@@ -322,6 +322,11 @@ class Engine:
 
     # -- persistence ------------------------------------------------------------------------------
 
+    def _groups_as_json(self) -> list[dict[str, Any]]:
+        if self._groups_json is None:
+            self._groups_json = [to_json(g) for g in self.groups]
+        return self._groups_json
+
     def snapshot(self) -> tuple[dict[str, Array], dict[str, Any]]:
         """Named arrays (`params/{name}`, `state/{name}/{slot}`) and JSON-ready metadata."""
         tensors: dict[str, Array] = {f"params/{n}": p for n, p in self.params.items()}
@@ -333,12 +338,25 @@ class Engine:
             "options": self.options,
             "param_names": list(self.params),
             "step": self.step_count,
-            "groups": [to_json(g) for g in self.groups],
+            "groups": self._groups_as_json(),
             "group_params": self.group_params,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "losses": self.losses,
         }
         return tensors, meta
+
+
+@np.errstate(over="ignore", invalid="ignore")  # as a decorator it costs half what a `with` block does
+def _cast_and_norm(grads: Mapping[str, Array], params: Mapping[str, Array]) -> tuple[dict[str, Array], float]:
+    """The gradients in their parameters' dtypes (a float64 beyond float32's range becomes inf: the
+    nonfinite policy decides), and their total norm. The norm (before clipping) is also the finiteness
+    check: finite squares sum to a finite number or overflow to inf, which only a second look tells from NaN
+    or Infinity."""
+    cast: dict[str, Array] = {}
+    for name, g in grads.items():
+        dtype = params[name].dtype
+        cast[name] = g if g.dtype == dtype else g.astype(dtype)
+    return cast, clip.total_norm(list(cast.values()))
 
 
 def _advanced_schedule(

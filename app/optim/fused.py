@@ -119,8 +119,13 @@ def adam_(
     float32 arithmetic on float32 arrays. Into separate arrays LLVM vectorizes the loop; in place its
     aliasing check keeps it scalar, which is why the service steps into fresh arrays.
     """
-    t = _SCALAR[param.dtype]
-    lerp_weight = t(1 - beta1)
+    dtype = param.dtype
+    t = _SCALAR[dtype]
+    key = (dtype, beta1, beta2, eps, weight_decay, bool(decoupled), bool(maximize))
+    constants = _ADAM_CONSTANTS.get(key)
+    if constants is None:
+        constants = _adam_constants(key)
+    decay_factor = t(1 - lr * weight_decay) if weight_decay != 0 and decoupled else constants[4]
     param_out, exp_avg_out, exp_avg_sq_out, max_out = (
         (param, exp_avg, exp_avg_sq, max_exp_avg_sq) if out is None else out
     )
@@ -130,27 +135,52 @@ def adam_(
             _flat_read_only(grad),
             _flat(exp_avg),
             _flat(exp_avg_sq),
-            _optional(max_exp_avg_sq, param.dtype),
+            _optional(max_exp_avg_sq, dtype),
             _flat(param_out),
             _flat(exp_avg_out),
             _flat(exp_avg_sq_out),
-            _optional(max_out, param.dtype),
-            bool(maximize),
-            weight_decay != 0 and not decoupled,
-            weight_decay != 0 and bool(decoupled),
-            t(weight_decay),
-            t(1 - lr * weight_decay),
+            _optional(max_out, dtype),
+            *constants[:4],
+            decay_factor,
             max_exp_avg_sq is not None,
-            bool(abs(lerp_weight) < 0.5),
-            lerp_weight,
-            lerp_weight - t(1),  # exact: used only when the weight is at least 0.5
-            t(beta2),
-            t(1 - beta2),
+            *constants[5:10],
             t(bias_correction2_sqrt),
-            t(eps),
+            constants[10],
             t(-step_size),
         )
     )
+
+
+# Adam's scalar operands that depend on the hyperparameters alone, rounded once per set of them rather than
+# at every step (nine roundings cost a small step about 3 us); a bounded cache, emptied when full.
+_ADAM_CONSTANTS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+_MAX_CONSTANTS = 1024
+
+
+def _adam_constants(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The kernel's operands from `maximize` to `one_m_beta2`, and `eps` last (index 4, the decay factor,
+    is the one without decoupled weight decay: it depends on the lr when there is one), for `key` =
+    (dtype, beta1, beta2, eps, weight_decay, decoupled, maximize)."""
+    dtype, beta1, beta2, eps, weight_decay, decoupled, maximize = key
+    t = _SCALAR[dtype]
+    lerp_weight = t(1 - beta1)
+    constants = (
+        maximize,
+        weight_decay != 0 and not decoupled,
+        weight_decay != 0 and decoupled,
+        t(weight_decay),
+        t(1),  # 1 - lr * 0
+        bool(abs(lerp_weight) < 0.5),
+        lerp_weight,
+        lerp_weight - t(1),  # exact: used only when the weight is at least 0.5
+        t(beta2),
+        t(1 - beta2),
+        t(eps),
+    )
+    if len(_ADAM_CONSTANTS) >= _MAX_CONSTANTS:
+        _ADAM_CONSTANTS.clear()
+    _ADAM_CONSTANTS[key] = constants
+    return constants
 
 
 def sgd_(

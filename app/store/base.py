@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from app.values import immutable
 from app.wire import safetensors
 from app.wire.common import PARAM_DTYPES
 from app.wire.errors import WireError
@@ -45,7 +46,7 @@ class SessionMeta:
         )
 
 
-@dataclass(frozen=True)
+@immutable
 class HistoryRow:
     step: int
     lr: list[float]
@@ -65,7 +66,7 @@ class HistoryRow:
         }
 
 
-@dataclass(frozen=True)
+@immutable
 class IdempotencyRecord:
     """The first answer to a keyed step: enough to replay it without applying anything."""
 
@@ -77,7 +78,7 @@ class IdempotencyRecord:
     grad_norm: float | None
 
 
-@dataclass(frozen=True)
+@immutable
 class LoggedStep:
     """A step as the engine applied it (a prepared step: gradients cast and clipped, the norm, the staleness):
     what redoes the step exactly from the state before it. A store may keep these instead of writing the
@@ -108,7 +109,7 @@ class LoggedStep:
         return cls(grads, loss, float(grad_norm), bool(skipped), int(staleness))
 
 
-@dataclass(frozen=True)
+@immutable
 class SessionRecord:
     """A session as stored. The arrays are never written after they are recorded (a step makes new ones),
     so a record may share them with the live engine it was taken from.

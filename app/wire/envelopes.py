@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from app.optim.limits import MAX_NAME_LENGTH, MAX_PARAMETERS
+from app.values import immutable
 from app.wire import jsontensor
 from app.wire.common import FLOAT_DTYPES as GRAD_DTYPES
 from app.wire.common import PARAM_DTYPES
@@ -39,7 +39,7 @@ CREATE_KEY = "optserve.create"
 Buffer = bytes | bytearray | memoryview
 
 
-@dataclass(frozen=True)
+@immutable
 class StepBody:
     grads: dict[str, Array]
     step: int | None

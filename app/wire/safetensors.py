@@ -131,7 +131,12 @@ def _parse_entry(
 
     offsets = entry["data_offsets"]
     # type(o) is int: JSON true/false are Python bools, an int subclass.
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and type(offsets[0]) is int
+        and type(offsets[1]) is int
+    ):
         _invalid(
             f"tensor {show(name)} has data_offsets {show(offsets)}; expected two integers [begin, end]", name
         )
@@ -203,7 +208,8 @@ def read_header(
     # As the reference reader does, require the tensors to tile the data buffer exactly: no overlap (two
     # tensors aliasing the same bytes), no gap and no trailing bytes (data nobody declared).
     position, previous = 0, None
-    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+    tiles = entries.items() if len(entries) == 1 else sorted(entries.items(), key=lambda item: item[1][2:])
+    for name, (_, _, begin, end) in tiles:
         if begin < position:
             _invalid(f"tensors {show(previous)} and {show(name)} have overlapping data_offsets", name)
         if begin > position:
@@ -230,7 +236,7 @@ def tensors_at(
         if not array.flags.aligned:
             array = array.copy()
             array.flags.writeable = not buf.readonly
-        tensors[name] = array.reshape(shape)
+        tensors[name] = array if len(shape) == 1 else array.reshape(shape)  # frombuffer's is 1-D
     return tensors
 
 
@@ -277,7 +283,7 @@ def encode(
     spaces to a multiple of 8 bytes. Empty tensors contribute no part.
     """
     arrays = {name: _le_contiguous(name, array) for name, array in tensors.items()}
-    order = sorted(arrays, key=lambda name: (-arrays[name].dtype.itemsize, name))
+    order = list(arrays) if len(arrays) < 2 else sorted(arrays, key=lambda n: (-arrays[n].dtype.itemsize, n))
 
     header: dict[str, Any] = {}
     if metadata is not None:

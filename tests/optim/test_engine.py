@@ -221,3 +221,26 @@ def test_the_norm_of_one_gradient_is_the_norm_of_norms_the_general_path_takes(
         alone = clip.total_norm([grad])
         general = clip.total_norm([grad, np.zeros(0, dtype)])
     assert np.float64(alone).tobytes() == np.float64(general).tobytes()
+
+
+def test_each_snapshot_shows_its_own_engines_groups() -> None:
+    """A snapshot's groups are its engine's: their JSON, made once, passes from engine to engine only while
+    the groups stay the same object (steps without a scheduler advance), and a restore from any snapshot
+    goes on at that engine's learning rate."""
+    engine = Engine.create(
+        {
+            "optimizer": {"name": "sgd", "lr": 0.1},
+            "scheduler": {"name": "exponential_lr", "gamma": 0.5},
+            "steps_per_epoch": 2,
+        },
+        {"w": np.zeros(3, np.float32)},
+    )
+    lrs = []
+    for _ in range(5):
+        engine.snapshot()  # the JSON of the groups is made before the step, on the engine before it
+        engine, _ = engine.step({"w": np.ones(3, np.float32)})
+        tensors, meta = engine.snapshot()
+        assert [g["lr"] for g in meta["groups"]] == engine.lr
+        assert restore(tensors, json.loads(json.dumps(meta))).lr == engine.lr
+        lrs.append(engine.lr[0])
+    assert lrs == [0.1, 0.05, 0.05, 0.025, 0.025]

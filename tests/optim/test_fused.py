@@ -284,3 +284,47 @@ def test_scalars_round_to_float32_as_numpy_casts_them(value: float) -> None:
         expected = np.float32(value)
     assert fused._to_float32(value) == expected
     assert np.signbit(fused._to_float32(value)) == np.signbit(expected)
+
+
+# Adam sessions that differ from the first in one hyperparameter each: every part of the constants' key,
+# and the lr, which the decoupled decay factor depends on but the key leaves out
+_BASE = {"name": "adam", "lr": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}
+KEY_CASES = [
+    _BASE,
+    {**_BASE, "betas": [0.3, 0.999]},
+    {**_BASE, "betas": [0.9, 0.9]},
+    {**_BASE, "eps": 1e-3},
+    {**_BASE, "weight_decay": 0.1},
+    {**_BASE, "weight_decay": 0.1, "decoupled_weight_decay": True},
+    {**_BASE, "weight_decay": 0.1, "decoupled_weight_decay": True, "lr": 0.05},
+    {**_BASE, "maximize": True},
+    {**_BASE, "amsgrad": True},
+]
+
+
+@needs_numba
+def test_adam_constants_are_kept_apart_per_set_of_hyperparameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adam's scalar operands are rounded once per set of hyperparameters and dtype, and kept: sessions
+    that differ in one hyperparameter each, stepped in turn through the one cache (smaller than them, so
+    that it is also emptied on the way), land on the bits each gets with the cache emptied before each of
+    its steps."""
+    monkeypatch.setattr(fused, "ENABLED", True)
+    monkeypatch.setattr(fused, "_MAX_CONSTANTS", 4)
+    sessions = []
+    for dtype, spec in itertools.product(DTYPES, KEY_CASES):
+        opt = get_optimizer(spec["name"])
+        hp = parse(opt.hparams, spec, "optimizer")
+        params = initial_params(TORCH_SHAPES, dtype)
+        cached = (params, {k: opt.init_state(v, hp) for k, v in params.items()})
+        fresh = ({k: v.copy() for k, v in params.items()}, _copy(cached[1]))
+        sessions.append((opt, hp, cached, fresh))
+    for t in range(5):
+        for opt, hp, cached, fresh in sessions:
+            for (params, states), empty_first in ((cached, False), (fresh, True)):
+                for name, param in params.items():
+                    if empty_first:
+                        fused._ADAM_CONSTANTS.clear()
+                    opt.update([param], [_grad(t, name, param)], [states[name]], hp)
+                assert len(fused._ADAM_CONSTANTS) <= 4
+            for name in cached[0]:
+                np.testing.assert_array_equal(cached[0][name], fresh[0][name], strict=True)

@@ -13,17 +13,18 @@ from __future__ import annotations
 import re
 
 import xxhash
-from starlette.datastructures import QueryParams
+from starlette.datastructures import QueryParams, State
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from app.api import bodies
-from app.api.deps import receive_body, tenant_for
+from app.api.deps import BodyDeadlines, InflightBytes, receive_body, tenant_for
 from app.api.errors import to_problem
 from app.api.offload import Offload
 from app.sessions import SessionService
+from app.settings import Settings
 from app.wire.errors import WireError
 from app.wire.negotiate import request_format, response_format
 
@@ -59,11 +60,25 @@ def _head(scope: Scope) -> dict[bytes, str]:
     return head
 
 
-async def step(scope: Scope, receive: Receive) -> Response:
+class StepContext:
+    """The app's pieces a step uses, taken from its state once: Starlette's `State` looks each attribute up
+    through `__getattr__`, which six times per request cost a small step about 4 us."""
+
+    __slots__ = ("api_keys", "deadlines", "inflight", "offload", "service", "settings")
+
+    def __init__(self, state: State) -> None:
+        self.api_keys: list[bytes] = state.api_keys
+        self.settings: Settings = state.settings
+        self.inflight: InflightBytes = state.inflight
+        self.deadlines: BodyDeadlines = state.deadlines
+        self.offload: Offload = state.offload
+        self.service: SessionService = state.service
+
+
+async def step(context: StepContext, scope: Scope, receive: Receive) -> Response:
     """Apply one optimizer step; answer the new step, lr, and (unless return_params=false) parameters."""
-    state = scope["app"].state
     head = _head(scope)
-    tenant = tenant_for(state.api_keys, head.get(b"authorization"))
+    tenant = tenant_for(context.api_keys, head.get(b"authorization"))
     query = scope["query_string"]
     # most steps have no query: its parsing is skipped then
     return_params = _return_params(QueryParams(query).get("return_params")) if query else True
@@ -74,11 +89,16 @@ async def step(scope: Scope, receive: Receive) -> Response:
     fmt = request_format(content_type)
     answer = response_format(head.get(b"accept"), fmt)
     body = await receive_body(
-        receive, state.settings, state.inflight, state.deadlines, content_type, head.get(b"content-length")
+        receive,
+        context.settings,
+        context.inflight,
+        context.deadlines,
+        content_type,
+        head.get(b"content-length"),
     )
-    offload: Offload = state.offload
+    offload = context.offload
     parsed = await bodies.read_step(offload, body, fmt)
-    service: SessionService = state.service
+    service = context.service
     render = bodies.render_step(answer, return_params, offload)
     session_id = scope["path_params"]["session_id"]
     response: Response
@@ -115,31 +135,33 @@ async def step(scope: Scope, receive: Receive) -> Response:
 
 
 async def _starlette_step(request: Request) -> Response:
-    """The route's endpoint, for FastAPI's routing (which `StepFastPath` keeps POSTs from)."""
-    return await step(request.scope, request.receive)
+    """The route's endpoint, for FastAPI's routing (which `OptserveApp` keeps POSTs from)."""
+    return await step(StepContext(request.app.state), request.scope, request.receive)
 
 
-# The route is matched only for the methods StepFastPath passes on, which it answers with 405.
+# The route is matched only for the methods OptserveApp passes on, which it answers with 405.
 route = Route(PATH, _starlette_step, methods=["POST"], include_in_schema=False)
 _PATH = re.compile(r"/v1/sessions/([^/]+)/step")
 
 
-class StepFastPath:
-    """Answers `POST /v1/sessions/{id}/step` (`matches`); `OptserveApp` sends it nothing else."""
+def session_of(scope: Scope) -> str | None:
+    """The session a request steps, when it is `POST /v1/sessions/{id}/step`; else None."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return None
+    match = _PATH.fullmatch(scope["path"])
+    return None if match is None else match[1]
 
-    @staticmethod
-    def matches(scope: Scope) -> bool:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            return False
-        return _PATH.fullmatch(scope["path"]) is not None
+
+class StepFastPath:
+    """Answers `POST /v1/sessions/{id}/step`: `OptserveApp` sends it nothing else, with the session's id
+    in the scope's `path_params` and the step's `route` (by which the metrics label requests) set."""
+
+    def __init__(self, context: StepContext) -> None:
+        self.context = context
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = _PATH.fullmatch(scope["path"])
-        assert match is not None
-        scope["route"] = route  # the metrics label requests by their route
-        scope["path_params"] = {"session_id": match[1]}
         try:
-            response = await step(scope, receive)
+            response = await step(self.context, scope, receive)
         except ClientDisconnect:
             return  # the client left before its body arrived: nothing was applied, and nobody to answer
         except Exception as exc:  # every error becomes its problem+json, as the app's handlers do
