@@ -309,6 +309,7 @@ def test_adam_constants_are_kept_apart_per_set_of_hyperparameters(monkeypatch: p
     that it is also emptied on the way), land on the bits each gets with the cache emptied before each of
     its steps."""
     monkeypatch.setattr(fused, "ENABLED", True)
+    monkeypatch.setattr(fused, "_ADAM_CONSTANTS", {})  # what other tests left there stays theirs
     monkeypatch.setattr(fused, "_MAX_CONSTANTS", 4)
     sessions = []
     for dtype, spec in itertools.product(DTYPES, KEY_CASES):
