@@ -157,9 +157,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     origins = settings.cors_origin_list()
     if origins:  # outermost, so that preflights and every answer (the step's too) get their CORS headers
         app.add_middleware(CORSMiddleware, **cors_options(origins))
-    # the step is answered before FastAPI's own middleware and routing (OptserveApp), counted by the same
-    # metrics, with the same CORS headers
-    step_stack: ASGIApp = MetricsMiddleware(step.StepFastPath(step.StepContext(app.state)), metrics=metrics)
+    # the step is answered before FastAPI's own middleware and routing (OptserveApp), counted in the same
+    # metrics (by StepFastPath itself), with the same CORS headers
+    step_stack: ASGIApp = step.StepFastPath(step.StepContext(app.state), metrics)
     if origins:
         step_stack = CORSMiddleware(step_stack, **cors_options(origins))
     app.step_stack = step_stack

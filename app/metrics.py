@@ -85,6 +85,22 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def started(self, declared: int) -> bool:
+        """Counts a request in, by the body length it declares; whether it is large (LARGE_BYTES or more)."""
+        large = declared >= LARGE_BYTES
+        self.large_in_flight += large
+        return large
+
+    def ended(
+        self, method: str, route: str, large: bool, start: float, status: int, received: int, sent: int
+    ) -> None:
+        """Counts a request out: `start` is when it began (`time.perf_counter`), `received` and `sent` its
+        body bytes each way, `status` the one it was answered with (500 when it was not answered)."""
+        self.large_in_flight -= large
+        if large or received + sent >= LARGE_BYTES:
+            self.last_large_done = time.monotonic()
+        self.stats.record(method, route, status, time.perf_counter() - start, received, sent)
+
 
 def _declared_length(scope: Scope) -> int:
     for name, value in scope["headers"]:
@@ -105,8 +121,7 @@ class MetricsMiddleware:
         start = time.perf_counter()
         status = 500
         received = sent = 0
-        large = _declared_length(scope) >= LARGE_BYTES
-        self.metrics.large_in_flight += large
+        large = self.metrics.started(_declared_length(scope))
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -125,11 +140,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, counting_receive, counting_send)
         finally:
-            self.metrics.large_in_flight -= large
-            if large or received + sent >= LARGE_BYTES:
-                self.metrics.last_large_done = time.monotonic()
             route = getattr(scope.get("route"), "path", "unmatched")
             method = scope["method"]
             if method not in METHODS:  # any token is a method to uvicorn: labels stay a bounded set
                 method = "OTHER"
-            self.metrics.stats.record(method, route, status, time.perf_counter() - start, received, sent)
+            self.metrics.ended(method, route, large, start, status, received, sent)

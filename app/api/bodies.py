@@ -101,6 +101,13 @@ class PartsResponse(Response):
             await send({"type": "http.response.body", "body": part, "more_body": i < last})
 
 
+def body_length(response: Response) -> int:
+    """The bytes of a response's body: a `PartsResponse`'s parts, any other's `body`."""
+    if isinstance(response, PartsResponse):
+        return sum(len(part) for part in response.parts)
+    return len(response.body)
+
+
 class HeadedResponse(Response):
     """A whole body with its headers given as the raw (lowercase name, value) pairs they are sent as:
     the step's answer skips `Response.init_headers`' per-header encoding, the same headers in the same

@@ -161,7 +161,8 @@ async def receive_body(
     if _is_json(content_type) and settings.max_json_bytes < limit:
         # parsing JSON holds the interpreter for the whole document: ~5 ms per MB here
         limit, setting = settings.max_json_bytes, "OPTSERVE_MAX_JSON_BYTES"
-    expected = int(declared) if declared is not None and declared.isdigit() else None
+    # isdecimal, not isdigit: latin-1's superscripts are digits that int() refuses
+    expected = int(declared) if declared is not None and declared.isdecimal() else None
     if expected is not None and expected > limit:
         raise _too_large(f"a body of {expected} bytes", setting, limit)
     reserved = 0

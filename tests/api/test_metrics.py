@@ -74,3 +74,34 @@ async def test_a_method_of_any_name_is_counted_under_one_label(client: httpx.Asy
     text = (await client.get("/metrics")).text
     assert 'method="OTHER"' in text
     assert 'method="X1"' not in text
+
+
+async def test_the_step_counts_itself_as_the_middleware_counts_the_others(client: httpx.AsyncClient) -> None:
+    """The step (`StepFastPath`, which counts its own requests) adds to the metrics what the middleware
+    adds for any other request: one request per answer under the step's route and its status, and the
+    body bytes each way, answered or refused."""
+    import numpy as np
+
+    from app.api.routes.step import PATH
+    from app.wire import safetensors
+    from tests.api.helpers import ST, create
+
+    stats = client.app.state.metrics.stats  # type: ignore[attr-defined]
+    sid = await create(client, {"w": np.ones(3, np.float32)}, optimizer={"name": "sgd", "lr": 0.1})
+    good = safetensors.encode_bytes({"w": np.ones(3, np.float32)})
+    bad = safetensors.encode_bytes({"w": np.ones(4, np.float32)})  # the wrong shape: 422
+    requests = [(sid, good, 200), (sid, bad, 422), ("nobody", good, 404), (sid, b"\x00" * 5, 400)]
+    before_in, before_out = stats.bytes_in, stats.bytes_out
+    received = sent = 0
+    for session, body, status in requests:
+        answer = await client.post(
+            f"/v1/sessions/{session}/step", content=body, headers={"Content-Type": ST, "Accept": ST}
+        )
+        assert answer.status_code == status, answer.text
+        received += len(body)
+        sent += len(answer.content)
+    assert (stats.bytes_in - before_in, stats.bytes_out - before_out) == (received, sent)
+    for status in (200, 422, 404, 400):
+        assert stats.requests[("POST", PATH, status)] == 1
+    counts, _ = stats.latency[("POST", PATH)]
+    assert sum(counts) == 4

@@ -106,3 +106,35 @@ async def test_a_client_that_leaves_before_its_body_arrived_gets_no_answer_and_c
         assert not [r for r in caplog.records if r.levelname == "ERROR"]
         async with httpx.AsyncClient(transport=transport, base_url="http://optserve.test") as client:
             assert (await client.get(f"/v1/sessions/{sid}/checkpoint")).content == before
+
+
+@pytest.mark.parametrize("declared", [b"\xb2", b"\xb9\xb2", b"1\xb3"])
+async def test_a_content_length_of_latin1_superscripts_is_no_length(declared: bytes) -> None:
+    """Latin-1's superscripts are digits to `str.isdigit` that `int()` refuses: a Content-Length of them
+    (which uvicorn's parsers refuse before the app, but the app does not count on it) is read as no length,
+    in the body bounds and in the metrics, not as a 500."""
+    from app.main import create_app
+    from app.settings import Settings
+    from app.wire import safetensors
+
+    app = create_app(Settings(store="memory://"))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://optserve.test") as client:
+            sid = await create(client, {"w": np.ones(3, np.float32)}, optimizer={"name": "sgd", "lr": 0.1})
+        body = safetensors.encode_bytes({"w": np.ones(3, np.float32)})
+        scope = post_scope(
+            f"/v1/sessions/{sid}/step",
+            [(b"content-type", ST.encode()), (b"accept", ST.encode()), (b"content-length", declared)],
+        )
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        assert sent[0]["status"] == 200
+        assert safetensors.decode(sent[1]["body"])[0]["w"].tolist() == pytest.approx([0.9] * 3)
