@@ -141,8 +141,11 @@ about 4 s on the machine of bench/RESULTS.md."""
 CHUNK_BYTES = 1 << 20
 """Large values go to Redis as lists of chunks of about this size, one RPUSH each: Redis (7.0, AOF on)
 takes several times longer per byte for one 40 MB argument than for forty of 1 MB."""
-STAGE_BATCH = 16
-"""Chunks staged per round trip (see `_stage`)."""
+STAGE_BATCH = 4
+"""Chunks staged per round trip (see `_stage`). Fewer in flight keep what Redis copies (from the socket into
+its query buffer, into the AOF) in the CPU's cache: 40 chunks of 1 MiB to a Redis with `appendfsync always`
+took 84-110 ms at 4 per round trip against 113-115 ms at 16 (the least of 6 each, alternating, on the
+machine of bench/RESULTS.md), and 22 against 26 ms without the AOF."""
 STAGING_MS = 60_000
 """A staged write that never committed (its writer died, or its connection broke, first) expires."""
 ROUND_CHANNEL = "optserve:rounds"
