@@ -102,10 +102,22 @@ class Metrics:
         self.stats.record(method, route, status, time.perf_counter() - start, received, sent)
 
 
+HUGE_LENGTH = 10**18
+"""What a Content-Length of more than 18 digits reads as: past any limit (and int() refuses 4,301)."""
+
+
+def content_length(value: str | bytes | None) -> int | None:
+    """A Content-Length header's number, or None when it is not one (ASCII digits only: latin-1's
+    superscripts are digits to `str.isdigit` that int() refuses)."""
+    if value is None or not value.isascii() or not value.isdigit():
+        return None
+    return int(value) if len(value) <= 18 else HUGE_LENGTH
+
+
 def _declared_length(scope: Scope) -> int:
     for name, value in scope["headers"]:
         if name == b"content-length":
-            return int(value) if value.isdigit() else 0
+            return content_length(value) or 0
     return 0
 
 

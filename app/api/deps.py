@@ -15,6 +15,7 @@ from starlette.types import Receive
 
 from app.api.errors import ApiError
 from app.api.offload import Offload
+from app.metrics import content_length
 from app.sessions import SessionService
 from app.settings import Settings
 from app.wire.negotiate import JSON, NotAcceptable, UnsupportedMediaType, request_format, response_format
@@ -161,8 +162,7 @@ async def receive_body(
     if _is_json(content_type) and settings.max_json_bytes < limit:
         # parsing JSON holds the interpreter for the whole document: ~5 ms per MB here
         limit, setting = settings.max_json_bytes, "OPTSERVE_MAX_JSON_BYTES"
-    # isdecimal, not isdigit: latin-1's superscripts are digits that int() refuses
-    expected = int(declared) if declared is not None and declared.isdecimal() else None
+    expected = content_length(declared)
     if expected is not None and expected > limit:
         raise _too_large(f"a body of {expected} bytes", setting, limit)
     reserved = 0

@@ -138,3 +138,29 @@ async def test_a_content_length_of_latin1_superscripts_is_no_length(declared: by
         await app(scope, receive, send)
         assert sent[0]["status"] == 200
         assert safetensors.decode(sent[1]["body"])[0]["w"].tolist() == pytest.approx([0.9] * 3)
+
+
+async def test_a_content_length_of_thousands_of_digits_is_too_large_not_a_500() -> None:
+    """int() refuses a string of more than 4,300 digits: a Content-Length that long (which uvicorn's
+    parsers refuse before the app) reads as past every limit, a 413, and the metrics count the request out
+    as they counted it in."""
+    from app.main import create_app
+    from app.settings import Settings
+
+    app = create_app(Settings(store="memory://"))
+    async with app.router.lifespan_context(app):
+        scope = post_scope(
+            "/v1/sessions/s_any/step", [(b"content-type", ST.encode()), (b"content-length", b"9" * 5000)]
+        )
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        assert sent[0]["status"] == 413
+        assert b"OPTSERVE_MAX_BODY_BYTES" in sent[1]["body"]
+        assert app.state.metrics.large_in_flight == 0

@@ -25,7 +25,7 @@ from app.api import bodies
 from app.api.deps import BodyDeadlines, InflightBytes, receive_body, tenant_for
 from app.api.errors import to_problem
 from app.api.offload import Offload
-from app.metrics import Metrics
+from app.metrics import Metrics, content_length
 from app.sessions import SessionService
 from app.settings import Settings
 from app.wire.errors import WireError
@@ -170,9 +170,7 @@ class StepFastPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
         head = _head(scope)
-        declared = head.get(b"content-length", "")
-        # isdecimal, not isdigit: latin-1's superscripts are digits that int() refuses
-        large = self.metrics.started(int(declared) if declared.isdecimal() else 0)
+        large = self.metrics.started(content_length(head.get(b"content-length")) or 0)
         status, received, sent = 500, 0, 0
 
         async def counting_receive() -> Message:
