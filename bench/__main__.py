@@ -27,8 +27,8 @@ OPTIM_LIMIT = 1.5
 
 METHODOLOGY = [
     "Every section runs in this one process tree, one after the other; within a section the cases being "
-    "compared are timed round-robin (or, for the load test, in A B B A order), so that a ratio's two sides "
-    "see the same machine load. Times are medians after warm-ups.",
+    "compared are timed round-robin (or, for the load test, in A B B A B A A B order), so that a ratio's "
+    "two sides see the same machine load. Times are medians after warm-ups.",
     "Servers are real processes on 127.0.0.1: `optserve serve` (uvicorn, httptools, uvloop, one worker, "
     "as `app/cli.py` runs it) and, as baselines, a bare FastAPI echo app under the same uvicorn settings "
     "(`bench/echo_app.py`), a raw asyncio HTTP echo (`bench/rawhttp.py`) and a raw TCP echo "
